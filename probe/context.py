@@ -1,0 +1,52 @@
+"""The injectable pieces a probe runs with: TLS contexts and the DoH HTTP session."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from probe.config import Config
+
+
+class TlsContexts:
+    """Client SSL contexts, built once per CA file: the system store plus the extra CA bundle."""
+
+    def __init__(self) -> None:
+        self._verify: dict[str | None, ssl.SSLContext] = {}
+
+    def verifying(self, ca_file: str | None) -> ssl.SSLContext:
+        """Return a context that verifies against the system store plus `ca_file`."""
+        ctx = self._verify.get(ca_file)
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            if ca_file:
+                ctx.load_verify_locations(cafile=ca_file)
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._verify[ca_file] = ctx
+        return ctx
+
+
+@dataclass
+class ProbeContext:
+    """Everything a prober needs besides (target, route, deadline); one per running config."""
+
+    config: Config
+    tls: TlsContexts = field(default_factory=TlsContexts)
+    _http: aiohttp.ClientSession | None = None
+
+    def http_session(self) -> aiohttp.ClientSession:
+        """Return the shared aiohttp session (DoH), created on first use inside the loop."""
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return self._http
+
+    async def close(self) -> None:
+        """Release the HTTP session."""
+        if self._http is not None:
+            await self._http.close()
+            self._http = None

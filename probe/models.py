@@ -1,0 +1,177 @@
+"""Values that cross module boundaries: outcomes, phases and results."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """The closed set of probe outcomes (DESIGN.md); the first failing stage wins."""
+
+    OK = "ok"
+    DNS_INJECTION = "dns_injection"
+    DNS_MISMATCH = "dns_mismatch"
+    DNS_NXDOMAIN = "dns_nxdomain"
+    DNS_SERVFAIL = "dns_servfail"
+    DNS_TIMEOUT = "dns_timeout"
+    TCP_TIMEOUT = "tcp_timeout"
+    TCP_REFUSED = "tcp_refused"
+    TCP_RESET = "tcp_reset"
+    TLS_RESET = "tls_reset"
+    TLS_TIMEOUT = "tls_timeout"
+    TLS_CERT_INVALID = "tls_cert_invalid"
+    HTTP_RESET = "http_reset"
+    HTTP_TIMEOUT = "http_timeout"
+    HTTP_UNEXPECTED = "http_unexpected"
+    THROTTLED = "throttled"
+    ERROR = "error"
+
+    @property
+    def blocked(self) -> bool:
+        """Return whether this outcome is an interference class."""
+        return self in BLOCKED_OUTCOMES
+
+
+BLOCKED_OUTCOMES = frozenset(
+    {
+        Outcome.DNS_INJECTION,
+        Outcome.DNS_MISMATCH,
+        Outcome.TCP_TIMEOUT,
+        Outcome.TCP_RESET,
+        Outcome.TLS_RESET,
+        Outcome.TLS_TIMEOUT,
+        Outcome.TLS_CERT_INVALID,
+        Outcome.HTTP_RESET,
+        Outcome.HTTP_UNEXPECTED,
+        Outcome.THROTTLED,
+    }
+)
+
+
+class Phase(StrEnum):
+    """Phases of a probe, named as blackbox_exporter names them."""
+
+    RESOLVE = "resolve"
+    CONNECT = "connect"
+    TLS = "tls"
+    PROCESSING = "processing"
+    TRANSFER = "transfer"
+
+
+class Deadline:
+    """An absolute point on the event loop's monotonic clock by which work must end."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        """Return a deadline `seconds` from now."""
+        return cls(asyncio.get_running_loop().time() + seconds)
+
+    def remaining(self) -> float:
+        """Return the seconds left, never negative."""
+        return max(0.0, self.at - asyncio.get_running_loop().time())
+
+    def earlier(self, seconds: float) -> Deadline:
+        """Return this deadline or one `seconds` from now, whichever comes first."""
+        return Deadline(min(self.at, asyncio.get_running_loop().time() + seconds))
+
+
+@dataclass(frozen=True, slots=True)
+class DnsResult:
+    """What one resolver said about one target name."""
+
+    resolver: str
+    outcome: Outcome
+    answers: tuple[str, ...] = ()
+    replies: int = 0
+    consistent: bool | None = None
+    duration_seconds: float | None = None
+    evidence: tuple[str, ...] = ()
+    error: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """Return the DESIGN.md JSON form."""
+        return {
+            "resolver": self.resolver,
+            "outcome": str(self.outcome),
+            "answers": list(self.answers),
+            "replies": self.replies,
+            "consistent": self.consistent,
+            "duration_seconds": _round(self.duration_seconds),
+            "evidence": list(self.evidence),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """Facts about a completed TLS handshake."""
+
+    version: str  # "TLS 1.3", as blackbox_exporter labels it
+    earliest_cert_expiry: float | None  # unix seconds, over the verified chain
+    cipher: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """The result of one probe of one target over one route."""
+
+    target: str
+    route: str
+    outcome: Outcome
+    started_at: float  # unix seconds (wall clock), when the probe began
+    duration_seconds: float
+    phases: Mapping[Phase, float] = field(default_factory=dict)
+    address: str | None = None
+    http_status: int | None = None
+    throughput_bytes_per_second: float | None = None
+    tls: TlsInfo | None = None
+    dns: tuple[DnsResult, ...] = ()
+    evidence: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def blocked(self) -> bool:
+        """Return whether the outcome is an interference class."""
+        return self.outcome.blocked
+
+    @property
+    def success(self) -> bool:
+        """Return whether every stage passed."""
+        return self.outcome is Outcome.OK
+
+    def to_json(self) -> dict[str, object]:
+        """Return the DESIGN.md JSON form."""
+        return {
+            "target": self.target,
+            "route": self.route,
+            "outcome": str(self.outcome),
+            "blocked": self.blocked,
+            "success": self.success,
+            "duration_seconds": _round(self.duration_seconds),
+            "phases": {str(p): _round(s) for p, s in _ordered(self.phases)},
+            "address": self.address,
+            "http_status": self.http_status,
+            "throughput_bytes_per_second": _round(self.throughput_bytes_per_second),
+            "tls_version": self.tls.version if self.tls else None,
+            "ssl_earliest_cert_expiry": self.tls.earliest_cert_expiry if self.tls else None,
+            "started_at": round(self.started_at, 3),
+            "dns": [d.to_json() for d in self.dns],
+            "evidence": list(self.evidence),
+            "error": self.error,
+        }
+
+
+def _ordered(phases: Mapping[Phase, float]) -> list[tuple[Phase, float]]:
+    return [(p, phases[p]) for p in Phase if p in phases]
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
