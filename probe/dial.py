@@ -28,13 +28,14 @@ async def connect(
     which the proxy resolves (socks5h semantics). Through a proxy, `connect` covers the TCP
     handshake with the proxy and the proxy's own connection to the target.
     """
+    trace.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     with trace.phase(Phase.CONNECT, Stage.CONNECT):
         if route.proxy is not None:
             sock = await _proxy_connect(host, port, route)
         else:
             sock = await _direct_connect(host, port, route.source_address)
         reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
-    trace.stage = Stage.ESTABLISHED
+    trace.enter(Stage.ESTABLISHED)
     return reader, writer
 
 
@@ -75,6 +76,7 @@ async def start_tls(
     writer: asyncio.StreamWriter, context: ssl.SSLContext, server_name: str, trace: Trace
 ) -> TlsInfo:
     """Run the TLS handshake with SNI `server_name`, timing the `tls` phase."""
+    trace.sni = server_name
     with trace.phase(Phase.TLS, Stage.TLS):
         await writer.start_tls(context, server_hostname=server_name)
     ssl_object = writer.get_extra_info("ssl_object")
@@ -112,9 +114,7 @@ def _earliest_expiry(ssl_object: Any) -> float | None:
     return min(expiries) if expiries else None
 
 
-async def close(writer: asyncio.StreamWriter) -> None:
+def close(writer: asyncio.StreamWriter) -> None:
     """Close a connection without waiting on a peer that may never answer."""
-    transport = writer.transport
-    if transport.is_closing():
-        return
-    transport.abort() if writer.get_extra_info("ssl_object") is not None else writer.close()
+    # abort(): a TLS close would wait for the peer's close_notify, which a hostile peer never sends.
+    writer.transport.abort()

@@ -1,0 +1,3 @@
+"""Cross-border connectivity monitor."""
+
+__version__ = "0.1.0"

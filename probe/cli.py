@@ -1,0 +1,168 @@
+"""The `probe` command: run, once, check, routes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from probe import __version__, config
+from probe.context import ProbeContext
+from probe.models import Outcome, ProbeResult
+from probe.output import Progress, ranking_table, results_table
+
+EXIT_OK, EXIT_NOT_OK, EXIT_USAGE = 0, 1, 2
+
+
+def default_config_path() -> str:
+    """Return `$PROBE_CONFIG`, else ./targets.yml."""
+    return os.environ.get("PROBE_CONFIG") or "targets.yml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="probe",
+        description="Cross-border connectivity monitor: probes storage endpoints over every route, "
+        "checks DNS integrity and exports Prometheus metrics.",
+    )
+    parser.add_argument("--version", action="version", version=f"probe {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("PROBE_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"], help="log verbosity (default info)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", default=None,
+                       help="config file (default: $PROBE_CONFIG, then ./targets.yml)")
+        return p
+
+    run = with_config(sub.add_parser("run", help="scheduler + HTTP server until SIGTERM; SIGHUP reloads"))
+    run.add_argument("--listen", help="host:port for the HTTP server (overrides the config's listen)")
+
+    once = with_config(sub.add_parser("once", help="one round of every (target, route), then exit"))
+    once.add_argument("--target", action="append", metavar="NAME", help="only this target (repeatable)")
+    once.add_argument("--route", action="append", metavar="NAME", help="only this route (repeatable)")
+    once.add_argument("--json", action="store_true", help="print DESIGN.md JSON instead of a table")
+
+    with_config(sub.add_parser("check", help="validate the config and exit"))
+
+    routes = with_config(sub.add_parser("routes", help="one round, then the route ranking per target"))
+    routes.add_argument("--target", action="append", metavar="NAME", help="only this target (repeatable)")
+    routes.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `probe` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    path = args.config or default_config_path()
+    if args.command == "run":
+        from probe.service import serve
+
+        try:
+            return asyncio.run(serve(path, args.listen))
+        except config.ConfigError as e:
+            return _config_failed(path, e)
+        except KeyboardInterrupt:
+            return EXIT_OK
+    try:
+        cfg = config.load(path)
+    except config.ConfigError as e:
+        return _config_failed(path, e)
+    if args.command == "check":
+        print(
+            f"{path}: OK: {len(cfg.targets)} targets, {len(cfg.routes)} routes, "
+            f"{len(cfg.resolvers)} resolvers, vantage {cfg.vantage!r}"
+        )
+        return EXIT_OK
+    try:
+        targets = _select(cfg, args.target, [t.name for t in cfg.targets], "target")
+        route_names = _select(cfg, getattr(args, "route", None), [r.name for r in cfg.routes], "route")
+    except ValueError as e:
+        print(f"probe: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    chosen = [cfg.target(n) for n in targets] if targets is not None else None
+    results = asyncio.run(_round(cfg, chosen, route_names, show_progress=not args.json))
+    if not results:
+        print("probe: no (target, route) pair matches the selection", file=sys.stderr)
+        return EXIT_USAGE
+    from probe.store import ResultStore
+
+    store = ResultStore(cfg)
+    for r in results:
+        store.record(r)
+        store.record_dns(r.target, r.dns)
+    order = {t: [name for name, _ in ranked] for t, ranked in store.ranking(cfg).items()}
+    if args.command == "once":
+        if args.json:
+            _print_json({"vantage": cfg.vantage, "results": [r.to_json() for r in results], "routes": order})
+        else:
+            sys.stdout.write(results_table(results, color=_use_color(sys.stdout)))
+    else:
+        ranked = store.ranking(cfg)
+        if args.json:
+            _print_json({
+                "vantage": cfg.vantage,
+                "routes": {t: [{"route": n, "rank": i + 1, "score": s} for i, (n, s) in enumerate(v)]
+                           for t, v in ranked.items()},
+            })
+        else:
+            sys.stdout.write(ranking_table(ranked, results, color=_use_color(sys.stdout)))
+    return EXIT_OK if all(r.outcome is Outcome.OK for r in results) else EXIT_NOT_OK
+
+
+def _select(cfg: config.Config, wanted: list[str] | None, known: list[str], what: str) -> list[str] | None:
+    if not wanted:
+        return None
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))} (configured: {', '.join(known)})")
+    return list(dict.fromkeys(wanted))
+
+
+async def _round(
+    cfg: config.Config, targets: list[config.Target] | None, routes: list[str] | None, *, show_progress: bool
+) -> list[ProbeResult]:
+    from probe.runner import run_round
+
+    ctx = ProbeContext(cfg)
+    chosen = targets if targets is not None else list(cfg.targets)
+    total = sum(1 for t in chosen for r in t.routes if routes is None or r in routes)
+    progress = Progress(total, sys.stderr) if show_progress and sys.stderr.isatty() else None
+    try:
+        return await run_round(cfg, ctx, chosen, routes, on_result=progress.update if progress else None)
+    finally:
+        if progress:
+            progress.done()
+        await ctx.close()
+
+
+def _config_failed(path: str, error: config.ConfigError) -> int:
+    print(f"{path}: invalid config ({len(error.problems)} problem{'s' * (len(error.problems) != 1)}):",
+          file=sys.stderr)
+    for line in error.problems:
+        print(f"  {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _print_json(doc: object) -> None:
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _use_color(stream: TextIO) -> bool:
+    return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""What every prober shares: the boundary that turns exceptions into outcomes, and resolution."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+
+from probe import dns
+from probe.classify import Stage, classify, describe
+from probe.config import Route, Target, is_ip
+from probe.context import ProbeContext
+from probe.models import Deadline, Outcome, Phase, ProbeResult
+from probe.trace import Trace
+
+Body = Callable[[Target, Route, Deadline, ProbeContext, Trace], Awaitable[None]]
+
+
+async def run_traced(
+    target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, body: Body
+) -> ProbeResult:
+    """Run a prober body under the deadline; classify whatever stops it (the prober boundary)."""
+    trace = Trace()
+    outcome, error = Outcome.OK, None
+    try:
+        async with asyncio.timeout_at(deadline.at):
+            await body(target, route, deadline, ctx, trace)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the boundary: anything a probe meets becomes an outcome
+        outcome = classify(trace.stage, exc)
+        error = describe(exc)
+        trace.note(failure_evidence(trace, outcome, exc))
+    return ProbeResult(
+        target=target.name,
+        route=route.name,
+        outcome=outcome,
+        started_at=trace.wall_started,
+        duration_seconds=trace.elapsed(),
+        phases=dict(trace.phases),
+        address=trace.address,
+        http_status=trace.http_status,
+        throughput_bytes_per_second=trace.throughput,
+        tls=trace.tls,
+        evidence=tuple(trace.evidence),
+        error=error,
+    )
+
+
+def failure_evidence(trace: Trace, outcome: Outcome, exc: BaseException) -> str:
+    """Return one line an operator can paste into a report."""
+    ms = f"{trace.in_stage() * 1000:.0f} ms"
+    peer = trace.peer or trace.address or "?"
+    sni = f" (sni={trace.sni})" if trace.sni else ""
+    host = f" (Host: {trace.http_host})" if trace.http_host else ""
+    reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+    match outcome:
+        case Outcome.TCP_TIMEOUT if trace.stage is Stage.CONNECT:
+            return f"no answer to the TCP handshake with {peer} within {ms}"
+        case Outcome.TCP_REFUSED:
+            return f"connection to {peer} refused after {ms}: {reason}"
+        case Outcome.TCP_RESET:
+            return f"connection to {peer} reset {ms} after the TCP handshake"
+        case Outcome.TLS_RESET if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
+            return f"TLS handshake with {peer} broken {ms} after ClientHello{sni}: {reason}"
+        case Outcome.TLS_RESET:
+            what = "closed" if isinstance(exc, EOFError | ssl.SSLEOFError) else "reset"
+            return f"connection {what} {ms} after ClientHello{sni}"
+        case Outcome.TLS_TIMEOUT:
+            return f"TLS handshake with {peer} stalled: no answer {ms} after ClientHello{sni}"
+        case Outcome.TLS_CERT_INVALID:
+            return f"certificate of {peer} failed verification{sni}: {reason}"
+        case Outcome.HTTP_RESET if trace.stage in (Stage.TRANSFER, Stage.DOWNLOAD):
+            return f"connection reset after {trace.body_bytes} body bytes, {ms} into the transfer{host}"
+        case Outcome.HTTP_RESET:
+            return f"connection reset {ms} after the request was sent{host}"
+        case Outcome.HTTP_TIMEOUT if trace.stage in (Stage.TRANSFER, Stage.DOWNLOAD):
+            return f"response body incomplete after {trace.body_bytes} bytes and {ms}{host}"
+        case Outcome.HTTP_TIMEOUT:
+            return f"no response head {ms} after the request{host}"
+        case _:
+            return str(exc) or describe(exc)
+
+
+async def resolve(host: str, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> str:
+    """Return the address to connect to for `host` over `route`, timing the `resolve` phase.
+
+    socks5h and HTTP proxies resolve the name themselves (so local poisoning cannot touch
+    it): the name is passed on unresolved and no `resolve` phase is recorded.
+    """
+    if route.proxy is not None and route.proxy.scheme != "socks5" and not is_ip(host):
+        trace.address = host
+        return host
+    with trace.phase(Phase.RESOLVE, Stage.RESOLVE):
+        if is_ip(host):
+            address = host
+        else:
+            resolver = ctx.config.route_resolver(route)
+            found = await dns.lookup(resolver, host, deadline, ctx, source_address=route.source_address)
+            address = found.answers[0]  # IPv4 first: lookup orders A before AAAA
+    trace.address = address
+    return address

@@ -1,0 +1,213 @@
+"""HTTP(S) probe over our own timed connection, with blackbox_exporter's five phases.
+
+h11 speaks HTTP/1.1 over the socket that `dial` opened, so connect and TLS are timed
+separately, reads are bounded by bytes, and proxies carry HTTP exactly as they carry TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import h11
+
+from probe import __version__, dial
+from probe.classify import Stage, Throttled, Unexpected
+from probe.config import Route, Target
+from probe.context import ProbeContext
+from probe.models import Deadline, Phase, ProbeResult
+from probe.probers.common import resolve, run_traced
+from probe.trace import Trace
+
+MAX_REDIRECTS = 10
+READ_CHUNK = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # a response head larger than this is not an honest storage API
+DOWNLOAD_MARGIN = 0.05  # stop the download this share of the timeout early, to report its rate
+_REDIRECTS = {301, 302, 303, 307, 308}
+USER_AGENT = f"probe/{__version__} (cross-border connectivity monitor)"
+
+
+@dataclass(slots=True)
+class _Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    truncated: bool
+
+
+async def probe(target: Target, route: Route, deadline: Deadline, ctx: ProbeContext) -> ProbeResult:
+    """Probe an http(s) target: resolve, connect, TLS, request, expectations, optional download."""
+    return await run_traced(target, route, deadline, ctx, _body)
+
+
+async def _body(target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> None:
+    assert target.url is not None
+    url, seen = target.url, [target.url]
+    while True:
+        resp = await _fetch(url, target, route, deadline, ctx, trace, phases=True, limit=target.max_body_bytes)
+        location = dict(resp.headers).get("location")
+        if not (target.follow_redirects and resp.status in _REDIRECTS and location):
+            break
+        url = urljoin(url, location)
+        if url in seen:
+            raise Unexpected(f"redirect loop: {' -> '.join([*seen, url])}")
+        if len(seen) > MAX_REDIRECTS:
+            raise Unexpected(f"more than {MAX_REDIRECTS} redirects, last to {url}")
+        seen.append(url)
+        trace.note(f"redirected ({resp.status}) to {url}")
+    trace.http_status = resp.status
+    _check_expectations(target, resp, trace)
+    if target.download is not None:
+        await _download(target, route, deadline, ctx, trace)
+
+
+async def _fetch(
+    url: str,
+    target: Target,
+    route: Route,
+    deadline: Deadline,
+    ctx: ProbeContext,
+    trace: Trace,
+    *,
+    phases: bool,
+    limit: int,
+    body_stage: Stage = Stage.TRANSFER,
+) -> _Response:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    address = await resolve(host, route, deadline, ctx, trace)
+    reader, writer = await dial.connect(address, port, route, trace)
+    try:
+        if https:
+            server_name = target.server_name if host == target.host and target.server_name else host
+            await dial.start_tls(writer, ctx.tls.verifying(target.ca_file), server_name, trace)
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+        host_header = parts.netloc.rpartition("@")[2]
+        trace.http_host = host_header
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = [
+            ("Host", host_header),
+            ("User-Agent", USER_AGENT),
+            ("Accept", "*/*"),
+            ("Connection", "close"),
+            *target.headers,
+        ]
+        method = target.method if phases else "GET"
+        begin = trace.now()
+        trace.enter(Stage.REQUEST)
+        writer.write(conn.send(h11.Request(method=method, target=path, headers=headers)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        head = await _next_event(conn, reader, trace)
+        while isinstance(head, h11.InformationalResponse):
+            head = await _next_event(conn, reader, trace)
+        assert isinstance(head, h11.Response)
+        if phases:
+            trace.add_phase(Phase.PROCESSING, trace.now() - begin)
+        begin = trace.now()
+        trace.enter(body_stage)
+        trace.body_bytes = 0
+        body, truncated = await _read_body(conn, reader, trace, limit, keep=phases)
+        if phases:
+            trace.add_phase(Phase.TRANSFER, trace.now() - begin)
+        if truncated:
+            trace.note(f"stopped reading the body at {limit} bytes (max_body_bytes)")
+        return _Response(
+            status=head.status_code,
+            headers=[(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers],
+            body=body,
+            truncated=truncated,
+        )
+    finally:
+        dial.close(writer)
+
+
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, trace: Trace) -> object:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(READ_CHUNK)
+            if not data and trace.stage is Stage.REQUEST:
+                raise EOFError("connection closed before any response")
+            if not data and conn.their_state is h11.SEND_BODY:
+                raise EOFError(f"connection closed after {trace.body_bytes} body bytes")
+            conn.receive_data(data)
+            continue
+        return event
+
+
+async def _read_body(
+    conn: h11.Connection, reader: asyncio.StreamReader, trace: Trace, limit: int, *, keep: bool
+) -> tuple[bytes, bool]:
+    chunks: list[bytes] = []
+    while True:
+        event = await _next_event(conn, reader, trace)
+        if isinstance(event, h11.Data):
+            take = min(len(event.data), limit - trace.body_bytes)
+            if keep:
+                chunks.append(bytes(event.data[:take]))
+            trace.body_bytes += take
+            if trace.body_bytes >= limit:
+                return b"".join(chunks), True
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            return b"".join(chunks), False
+
+
+def _check_expectations(target: Target, resp: _Response, trace: Trace) -> None:
+    expect = target.expect
+    if not expect.status_ok(resp.status):
+        wanted = ", ".join(map(str, expect.status)) if expect.status else "2xx"
+        raise Unexpected(f"status {resp.status}, expected {wanted}{_snippet(resp.body)}")
+    headers = dict(resp.headers)
+    for name, pattern in expect.headers:
+        value = headers.get(name)
+        if value is None or not pattern.search(value):
+            raise Unexpected(f"header {name}: {value!r} does not match /{pattern.pattern}/")
+    text = resp.body.decode("utf-8", "replace")
+    for needle in expect.body_contains:
+        if needle not in text:
+            raise Unexpected(f"body does not contain {needle!r}{_snippet(resp.body)}")
+    for pattern in expect.body_regex:
+        if not pattern.search(text):
+            raise Unexpected(f"body does not match /{pattern.pattern}/{_snippet(resp.body)}")
+
+
+def _snippet(body: bytes, size: int = 120) -> str:
+    if not body:
+        return " (empty body)"
+    text = body[:size].decode("utf-8", "replace").replace("\n", " ").replace("\r", " ")
+    return f" (body starts {text!r}{'...' if len(body) > size else ''})"
+
+
+async def _download(target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> None:
+    """Fetch `download.url` over the same route; its rate is body bytes over body time."""
+    assert target.download is not None
+    dl = target.download
+    saved_phases, saved_tls = dict(trace.phases), trace.tls  # the phases describe the main request
+    try:
+        async with asyncio.timeout_at(deadline.at - target.timeout * DOWNLOAD_MARGIN):
+            resp = await _fetch(
+                dl.url, target, route, deadline, ctx, trace, phases=False, limit=dl.max_bytes,
+                body_stage=Stage.DOWNLOAD,
+            )
+            if resp.status != 200:
+                raise Unexpected(f"download of {dl.url} answered status {resp.status}, expected 200")
+    except TimeoutError:
+        if trace.stage is not Stage.DOWNLOAD:
+            raise  # it stalled before the body: classify by the stage it stalled in
+    finally:
+        trace.phases.clear()
+        trace.phases.update(saved_phases)
+        trace.tls = saved_tls
+    elapsed = trace.in_stage()
+    rate = trace.body_bytes / elapsed if elapsed > 0 else 0.0
+    trace.throughput = rate
+    if rate < dl.min_bytes_per_second:
+        raise Throttled(
+            f"download of {dl.url} ran at {rate:,.0f} B/s ({trace.body_bytes} bytes in {elapsed:.2f} s), "
+            f"below min_bytes_per_second {dl.min_bytes_per_second:,.0f}"
+        )
+    trace.note(f"download: {trace.body_bytes} bytes in {elapsed:.3f} s = {rate:,.0f} B/s")
