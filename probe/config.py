@@ -233,6 +233,8 @@ def parse_proxy(text: str) -> Proxy:
         port = parts.port
     except ValueError:
         raise ValueError(f"bad proxy {_redact(text)!r}: bad port") from None
+    if port == 0:
+        raise ValueError(f"bad proxy {_redact(text)!r}: bad port")
     if not parts.hostname or port is None:
         raise ValueError(f"bad proxy {_redact(text)!r}: needs host:port")
     user = unquote(parts.username) if parts.username is not None else None
@@ -241,7 +243,8 @@ def parse_proxy(text: str) -> Proxy:
 
 
 def _redact(url: str) -> str:
-    return re.sub(r"//[^/@]*@", "//***@", url)
+    # Greedy up to the last '@': an unencoded '@' or '/' in a password must not leak.
+    return re.sub(r"//.*@", "//***@", url)
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -340,6 +343,9 @@ class _Validator:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             self.fail(path, f"must be a duration like 10s, not {_kind(value)}")
             return None
+        if isinstance(value, int | float) and value <= 0:
+            self.fail(path, f"must be longer than zero, not {value}")
+            return None
         if isinstance(value, int | float):
             self.fail(path, f"needs a unit: write {value}s or {value}ms")
             return None
@@ -410,7 +416,7 @@ class _Validator:
     def config(self, raw: Any, source: str) -> Config | None:
         top = self.mapping(raw, "", _TOP_KEYS)
         if top is None:
-            self.problems[-1] = f"{source}: the config must be a mapping with 'targets'"
+            self.problems[-1] = f"{source}: the config must be a mapping with 'targets', not {_kind(raw)}"
             return None
         vantage = os.environ.get("PROBE_VANTAGE") or top.get("vantage")
         if vantage is None:
@@ -428,8 +434,8 @@ class _Validator:
         routes = self.routes(top.get("routes"), {r.name for r in resolvers} | {"system"})
         canaries = self.ip_list(top.get("canaries"), "canaries")
         bogons = self.cidrs(top.get("bogons"))
-        defaults = top.get("defaults") or {}
-        defaults = self.mapping(defaults, "defaults", _DEFAULTABLE) or {}
+        defaults_raw = top.get("defaults")
+        defaults = {} if defaults_raw is None else self.mapping(defaults_raw, "defaults", _DEFAULTABLE) or {}
         targets = self.targets(top.get("targets"), defaults, routes, resolvers)
         if self.problems:
             return None
@@ -632,27 +638,26 @@ class _Validator:
             return None
         tls_raw, tls_path = get("tls", False)
         tls = self.typed(tls_raw, tls_path, bool, "true or false")
+        # A bad url or address still lets the rest of the target be checked, so that
+        # every problem is reported at once; the target is dropped at the end.
+        host, port = "", 0
         if "url" in m:
+            kind = TargetKind.HTTP
             url = self.typed(m["url"], f"{path}.url", str, "a URL")
-            if url is None:
-                return None
-            parsed = self.http_url(url, f"{path}.url")
-            if parsed is None:
-                return None
-            kind, host, port = TargetKind.HTTP, parsed[0], parsed[1]
-            kwargs["url"] = url
+            parsed = self.http_url(url, f"{path}.url") if url is not None else None
+            if parsed is not None:
+                host, port = parsed
+                kwargs["url"] = url
             if "tls" in m:
                 self.fail(f"{path}.tls", "only for 'address' targets (an https:// url implies TLS)")
         else:
-            text = self.typed(m["address"], f"{path}.address", str, "host:port")
-            if text is None:
-                return None
-            try:
-                host, port = parse_hostport(text)
-            except ValueError as e:
-                self.fail(f"{path}.address", str(e))
-                return None
             kind = TargetKind.TLS if tls else TargetKind.TCP
+            text = self.typed(m["address"], f"{path}.address", str, "host:port")
+            if text is not None:
+                try:
+                    host, port = parse_hostport(text)
+                except ValueError as e:
+                    self.fail(f"{path}.address", str(e))
             for key in ("expect", "method", "headers", "download", "follow_redirects", "max_body_bytes"):
                 if key in m:
                     self.fail(f"{path}.{key}", "only for 'url' targets")
@@ -691,6 +696,9 @@ class _Validator:
         if interval is not None and timeout is not None:
             if timeout_raw is None:
                 timeout = min(timeout, interval)
+            elif timeout > interval and "interval" in m and "timeout" not in m:
+                message = f"interval {interval_raw} is shorter than {timeout_path} ({timeout:g}s)"
+                self.fail(interval_path, message)
             elif timeout > interval:
                 self.fail(timeout_path, f"timeout {timeout_raw} is longer than the interval ({interval:g}s)")
         kwargs["interval"], kwargs["timeout"] = interval, timeout
@@ -702,7 +710,8 @@ class _Validator:
         if res_raw is None:
             kwargs["resolvers"] = resolver_names
         else:
-            kwargs["resolvers"] = self.references(res_raw, res_path, set(resolver_names), "resolver")
+            known = set(resolver_names) | {SYSTEM_RESOLVER.name}  # like routes and Config.resolver
+            kwargs["resolvers"] = self.references(res_raw, res_path, known, "resolver")
         if len(self.problems) > before or name is None:
             return None
         return Target(name=name, kind=kind, host=host, port=port, **kwargs)
@@ -713,10 +722,13 @@ class _Validator:
             self.fail(path, f"{url!r} must start with http:// or https://")
             return None
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            explicit_port = parts.port
         except ValueError:
+            explicit_port = 0
+        if explicit_port == 0:
             self.fail(path, f"{url!r} has a bad port")
             return None
+        port = explicit_port or (443 if parts.scheme == "https" else 80)
         if not parts.hostname:
             self.fail(path, f"{url!r} has no host")
             return None
@@ -724,7 +736,8 @@ class _Validator:
 
     def references(self, raw: Any, path: str, known: set[str], what: str) -> tuple[str, ...]:
         if not isinstance(raw, list) or not raw:
-            self.fail(path, f"must be a non-empty list of {what} names")
+            got = "an empty list" if raw == [] else _kind(raw)
+            self.fail(path, f"must be a non-empty list of {what} names, not {got}")
             return ()
         out: list[str] = []
         for i, item in enumerate(raw):
@@ -745,18 +758,23 @@ class _Validator:
             return None
         status: list[int] = []
         if "status" in m:
-            values = m["status"] if isinstance(m["status"], list) else [m["status"]]
+            is_list = isinstance(m["status"], list)
+            values = m["status"] if is_list else [m["status"]]
             for i, v in enumerate(values):
-                code = self.typed(v, f"{path}.status[{i}]", int, "an HTTP status code")
+                item_path = f"{path}.status[{i}]" if is_list else f"{path}.status"
+                code = self.typed(v, item_path, int, "an HTTP status code")
                 if code is not None and not 100 <= code <= 599:
-                    self.fail(f"{path}.status[{i}]", f"{code} is not an HTTP status code")
+                    self.fail(item_path, f"{code} is not an HTTP status code")
                 elif code is not None:
                     status.append(code)
-        contains = self.string_list(m["body_contains"], f"{path}.body_contains") if "body_contains" in m else ()
+        contains: tuple[str, ...] | None = ()
+        if "body_contains" in m:
+            contains = self.string_list(m["body_contains"], f"{path}.body_contains")
         regexes: list[re.Pattern[str]] = []
         if "body_regex" in m:
+            is_list = isinstance(m["body_regex"], list)
             for i, text in enumerate(self.string_list(m["body_regex"], f"{path}.body_regex") or ()):
-                pattern = self.regex(text, f"{path}.body_regex" + (f"[{i}]" if isinstance(m["body_regex"], list) else ""))
+                pattern = self.regex(text, f"{path}.body_regex[{i}]" if is_list else f"{path}.body_regex")
                 if pattern is not None:
                     regexes.append(pattern)
         headers: list[tuple[str, re.Pattern[str]]] = []
@@ -766,8 +784,8 @@ class _Validator:
                 self.fail(f"{path}.headers", f"must be a mapping of header name to regex, not {_kind(hm)}")
             else:
                 for key, value in hm.items():
-                    text = self.typed(value, f"{path}.headers.{key}", str, "a regex")
-                    if text is not None and (pattern := self.regex(text, f"{path}.headers.{key}")):
+                    source = self.typed(value, f"{path}.headers.{key}", str, "a regex")
+                    if source is not None and (pattern := self.regex(source, f"{path}.headers.{key}")):
                         headers.append((str(key).lower(), pattern))
         return Expect(tuple(status), contains or (), tuple(regexes), tuple(headers))
 
