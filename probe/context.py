@@ -15,6 +15,7 @@ class TlsContexts:
 
     def __init__(self) -> None:
         self._verify: dict[str | None, ssl.SSLContext] = {}
+        self._dns: dict[str | None, ssl.SSLContext] = {}
 
     def verifying(self, ca_file: str | None) -> ssl.SSLContext:
         """Return a context that verifies against the system store plus `ca_file`."""
@@ -27,6 +28,17 @@ class TlsContexts:
             self._verify[ca_file] = ctx
         return ctx
 
+    def dns_tls(self, ca_file: str | None) -> ssl.SSLContext:
+        """Return a context for DNS over TLS: like `verifying`, but offering ALPN "dot" (RFC 7858)."""
+        ctx = self._dns.get(ca_file)
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            if ca_file:
+                ctx.load_verify_locations(cafile=ca_file)
+            ctx.set_alpn_protocols(["dot"])
+            self._dns[ca_file] = ctx
+        return ctx
+
 
 @dataclass
 class ProbeContext:
@@ -34,6 +46,10 @@ class ProbeContext:
 
     config: Config
     tls: TlsContexts = field(default_factory=TlsContexts)
+    # The `system` resolver reads these; tests point them at their own files and loopback server.
+    resolv_conf: str = "/etc/resolv.conf"
+    hosts_file: str = "/etc/hosts"
+    system_dns_port: int = 53  # resolv.conf cannot carry a port
     _http: aiohttp.ClientSession | None = None
 
     def http_session(self) -> aiohttp.ClientSession:
