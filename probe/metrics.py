@@ -1,0 +1,212 @@
+"""Prometheus exposition: every family is rebuilt from the ResultStore on each scrape.
+
+Label values come only from config names and enum values, never from free text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from probe.config import Config, Target, TargetKind
+from probe.models import Outcome, Phase
+from probe.store import Histogram, ResultStore
+
+PAIR_LABELS = ("vantage", "target", "route")
+DNS_LABELS = ("vantage", "target", "resolver")
+
+
+class StoreCollector:
+    """A prometheus_client collector reading the store's current config and results."""
+
+    def __init__(self, store: ResultStore, config: Config | None = None) -> None:
+        self.store = store
+        self.config = config  # None: follow store.config across reloads
+
+    def collect(self) -> Iterable[Metric]:
+        """Return every family, rebuilt from the store."""
+        return families(self.store, self.config or self.store.config)
+
+
+def build_registry(store: ResultStore, config: Config | None = None) -> CollectorRegistry:
+    """Return a registry with the store's families plus process, platform and GC metrics."""
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(store, config))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def render(store: ResultStore, config: Config) -> bytes:
+    """Return the text exposition of every series, the process metrics included."""
+    return generate_latest(build_registry(store, config))
+
+
+def render_target(store: ResultStore, config: Config, target: str) -> bytes:
+    """Return the text exposition of one target's series only (for /probe)."""
+    registry = CollectorRegistry()
+    registry.register(_Fixed(families(store, config, target=target)))
+    return generate_latest(registry)
+
+
+class _Fixed:
+    def __init__(self, metrics: list[Metric]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self.metrics
+
+
+def families(store: ResultStore, config: Config, target: str | None = None) -> list[Metric]:
+    """Build every family; with `target`, only that target's series and no prober_* globals."""
+    targets = [t for t in config.targets if target is None or t.name == target]
+    out = _pair_families(store, config, targets)
+    out += _dns_families(store, config.vantage, targets)
+    if target is None:
+        out += _prober_families(store, config.vantage)
+    return out
+
+
+def _gauge(
+    name: str, doc: str, extra: tuple[str, ...] = (), labels: tuple[str, ...] = PAIR_LABELS
+) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=[*labels, *extra])
+
+
+def _pair_families(store: ResultStore, config: Config, targets: list[Target]) -> list[Metric]:
+    success = _gauge("probe_success", "Whether the last probe of the target over the route succeeded.")
+    duration = _gauge("probe_duration_seconds", "How long the last probe took, in seconds.")
+    http_phases = _gauge(
+        "probe_http_duration_seconds",
+        "Duration of each phase of the last HTTP probe (0 when the phase did not complete).",
+        ("phase",),
+    )
+    status = _gauge("probe_http_status_code", "HTTP status of the last response (0: none).")
+    expiry = _gauge("probe_ssl_earliest_cert_expiry", "Earliest expiry of the verified chain, unix seconds.")
+    tls_version = _gauge("probe_tls_version_info", "TLS version of the last handshake.", ("version",))
+    outcome = _gauge(
+        "probe_outcome", "1 for the outcome of the last probe, 0 for every other outcome.", ("outcome",)
+    )
+    blocked = _gauge("probe_blocked", "1 when the last outcome is an interference class.")
+    throughput = _gauge("probe_throughput_bytes_per_second", "Download throughput of the last probe.")
+    runs = CounterMetricFamily("probe_runs_total", "Probes run, by outcome.", labels=[*PAIR_LABELS, "outcome"])
+    phases = HistogramMetricFamily(
+        "probe_phase_seconds", "Duration of each completed probe phase.", labels=[*PAIR_LABELS, "phase"]
+    )
+    rank = _gauge("probe_route_rank", "Rank of the route for the target; 1 is the best.")
+    score = _gauge("probe_route_score", "Score of the route for the target; lower is better.")
+    last_run = _gauge("probe_last_run_timestamp_seconds", "When the last probe finished, unix seconds.")
+
+    ranking = store.ranking(config)
+    for target in targets:
+        ranked = {route: (i + 1, s) for i, (route, s) in enumerate(ranking.get(target.name, []))}
+        for route in target.routes:
+            labels = [config.vantage, target.name, route]
+            result = store.latest(target.name, route)
+            counts = store.runs(target.name, route)
+            for o in Outcome:
+                runs.add_metric([*labels, o.value], counts.get(o, 0))
+                outcome.add_metric([*labels, o.value], float(result is not None and result.outcome is o))
+            for phase in Phase:
+                _add_histogram(phases, [*labels, phase.value], store.phase_histogram(target.name, route, phase))
+            if route in ranked:
+                rank.add_metric(labels, ranked[route][0])
+                score.add_metric(labels, ranked[route][1])
+            if result is None:
+                continue
+            success.add_metric(labels, float(result.success))
+            duration.add_metric(labels, result.duration_seconds)
+            blocked.add_metric(labels, float(result.blocked))
+            last_run.add_metric(labels, result.started_at + result.duration_seconds)
+            if target.kind is TargetKind.HTTP:
+                for phase in Phase:
+                    http_phases.add_metric([*labels, phase.value], result.phases.get(phase, 0.0))
+                status.add_metric(labels, result.http_status or 0)
+            if result.tls is not None:
+                tls_version.add_metric([*labels, result.tls.version], 1)
+                if result.tls.earliest_cert_expiry is not None:
+                    expiry.add_metric(labels, result.tls.earliest_cert_expiry)
+            if target.download is not None and result.throughput_bytes_per_second is not None:
+                throughput.add_metric(labels, result.throughput_bytes_per_second)
+    return [
+        success, duration, http_phases, status, expiry, tls_version, outcome, blocked, throughput,
+        runs, phases, rank, score, last_run,
+    ]
+
+
+def _dns_families(store: ResultStore, vantage: str, targets: list[Target]) -> list[Metric]:
+    lookup = _gauge(
+        "probe_dns_lookup_time_seconds", "How long the resolver took to answer.", labels=DNS_LABELS
+    )
+    consistent = _gauge(
+        "probe_dns_consistent", "1 when the resolver's answers agree with the controls.", labels=DNS_LABELS
+    )
+    replies = _gauge("probe_dns_replies", "DNS replies received for the last query.", labels=DNS_LABELS)
+    outcome = _gauge(
+        "probe_dns_outcome",
+        "1 for the outcome of the resolver's last check, 0 for every other outcome.",
+        ("outcome",),
+        labels=DNS_LABELS,
+    )
+    for target in targets:
+        if not target.needs_dns:
+            continue
+        latest = {d.resolver: d for d in store.dns(target.name)}
+        for resolver in target.resolvers:
+            labels = [vantage, target.name, resolver]
+            result = latest.get(resolver)
+            for o in Outcome:
+                outcome.add_metric([*labels, o.value], float(result is not None and result.outcome is o))
+            if result is None:
+                continue
+            replies.add_metric(labels, result.replies)
+            if result.duration_seconds is not None:
+                lookup.add_metric(labels, result.duration_seconds)
+            if result.consistent is not None:
+                consistent.add_metric(labels, float(result.consistent))
+    return [lookup, consistent, replies, outcome]
+
+
+def _prober_families(store: ResultStore, vantage: str) -> list[Metric]:
+    lag = HistogramMetricFamily(
+        "prober_scheduler_lag_seconds",
+        "How late scheduled probes started: actual start minus planned time.",
+        labels=["vantage"],
+    )
+    _add_histogram(lag, [vantage], store.lag)
+    reload_ok = GaugeMetricFamily(
+        "prober_config_last_reload_successful", "Whether the last config reload succeeded.", labels=["vantage"]
+    )
+    reload_ok.add_metric([vantage], float(store.reload_successful))
+    reload_at = GaugeMetricFamily(
+        "prober_config_last_reload_success_timestamp_seconds",
+        "When the config was last loaded successfully, unix seconds.",
+        labels=["vantage"],
+    )
+    reload_at.add_metric([vantage], store.last_reload_success)
+    return [lag, reload_ok, reload_at]
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: list[str], hist: Histogram | None) -> None:
+    hist = hist or Histogram()
+    buckets = [(_le(bound), float(n)) for bound, n in hist.cumulative()]
+    family.add_metric(labels, buckets, hist.sum)
+
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))

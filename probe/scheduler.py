@@ -1,0 +1,325 @@
+"""Run every (target, route) probe and every target's DNS check on its interval.
+
+APScheduler 3 decides *when*; a small executor runs each job as an asyncio task it
+tracks, so removed jobs and shutdown cancel and await their probes, and so each run
+knows its planned time for the lag histogram. A global semaphore bounds concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+from apscheduler.executors.base import BaseExecutor
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from probe.config import Config, Route, Target
+from probe.context import ProbeContext
+from probe.models import Deadline, DnsResult, Outcome, ProbeResult
+from probe.store import ResultStore
+
+ProbeFn = Callable[[Target, Route, ProbeContext], Awaitable[ProbeResult]]
+DnsFn = Callable[[Target, Deadline, ProbeContext], Awaitable[tuple[DnsResult, ...]]]
+
+DEFAULT_CONCURRENCY = 256
+
+log = logging.getLogger("probe")
+_planned_at: ContextVar[float | None] = ContextVar("planned_at", default=None)
+
+
+def probe_job_id(target: str, route: str) -> str:
+    """Return the job id of one (target, route) probe."""
+    return f"probe:{target}:{route}"
+
+
+def dns_job_id(target: str) -> str:
+    """Return the job id of one target's DNS check."""
+    return f"dns:{target}"
+
+
+def spread(job_id: str) -> float:
+    """Return a stable fraction in [0, 1) that places a job's runs within its interval."""
+    digest = hashlib.blake2b(job_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+async def _default_probe(target: Target, route: Route, ctx: ProbeContext) -> ProbeResult:
+    from probe.runner import run_probe
+
+    return await run_probe(target, route, ctx)
+
+
+async def _default_dns(target: Target, deadline: Deadline, ctx: ProbeContext) -> tuple[DnsResult, ...]:
+    from probe.dns import check_target
+
+    return await check_target(target, deadline, ctx)
+
+
+class _TaskExecutor(BaseExecutor):  # type: ignore[misc]  # apscheduler is untyped
+    """Run coroutine jobs as tracked tasks; the planned run time goes into a context variable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks: dict[str, set[asyncio.Task[None]]] = {}
+
+    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(job, run_times[-1]), name=job.id)
+        self.tasks.setdefault(job.id, set()).add(task)
+        task.add_done_callback(lambda t: self._finished(job.id, t))
+
+    async def _run(self, job: Any, run_time: datetime) -> None:
+        late = (datetime.now(UTC) - run_time).total_seconds()
+        if job.misfire_grace_time is not None and late > job.misfire_grace_time:
+            log.warning("%s: run skipped, %.1f s late", job.id, late)
+            return
+        _planned_at.set(run_time.timestamp())
+        await job.func(*job.args, **job.kwargs)
+
+    def _finished(self, job_id: str, task: asyncio.Task[None]) -> None:
+        running = self.tasks.get(job_id, set())
+        running.discard(task)
+        if not running:
+            self.tasks.pop(job_id, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s: job failed: %s: %s", job_id, type(exc).__name__, exc, exc_info=exc)
+        self._run_job_success(job_id, [])  # releases the max_instances slot
+
+    def cancel(self, job_id: str) -> list[asyncio.Task[None]]:
+        """Cancel the runs of one job; return their tasks."""
+        tasks = list(self.tasks.get(job_id, ()))
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    def cancel_all(self) -> list[asyncio.Task[None]]:
+        """Cancel every run; return their tasks."""
+        return [task for job_id in list(self.tasks) for task in self.cancel(job_id)]
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.cancel_all()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JobChanges:
+    """What apply() did to the job set."""
+
+    before: int
+    added: int
+    removed: int
+    rescheduled: int
+
+    def __str__(self) -> str:
+        after = self.before + self.added - self.removed
+        return f"{after} jobs ({self.added} added, {self.removed} removed, {self.rescheduled} rescheduled)"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _JobSpec:
+    interval: float
+    func: Callable[..., Awaitable[None]]
+    args: tuple[str, ...]
+
+
+class Scheduler:
+    """Probe every configured pair and check every target's DNS on its interval; results go to the store."""
+
+    def __init__(
+        self,
+        config: Config,
+        ctx: ProbeContext,
+        store: ResultStore,
+        *,
+        probe_fn: ProbeFn | None = None,
+        dns_fn: DnsFn | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.store = store
+        self._probe_fn = probe_fn or _default_probe
+        self._dns_fn = dns_fn or _default_dns
+        self.concurrency = concurrency
+        self._limit = asyncio.Semaphore(concurrency)
+        self._executor = _TaskExecutor()
+        aps_logger = logging.getLogger("probe.apscheduler")
+        if aps_logger.level == logging.NOTSET:
+            aps_logger.setLevel(logging.WARNING)  # one "Added job" line per pair is noise
+        self._aps = AsyncIOScheduler(
+            timezone=UTC, executors={"default": self._executor}, logger=aps_logger
+        )
+        self._intervals: dict[str, float] = {}
+        self._sync(config)
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start scheduling (inside the running event loop)."""
+        self._aps.start()
+        log.info("scheduler started: %d jobs, concurrency %d", len(self._intervals), self.concurrency)
+
+    async def shutdown(self) -> None:
+        """Stop scheduling, cancel in-flight probes and wait for them to end."""
+        if self._aps.running:
+            self._aps.shutdown(wait=False)
+            while self._aps.running:  # AsyncIOScheduler stops in a loop callback
+                await asyncio.sleep(0)
+        tasks = self._executor.cancel_all()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def apply(self, config: Config, ctx: ProbeContext | None = None) -> JobChanges:
+        """Switch to `config` (and `ctx`): add new jobs, remove gone ones, reschedule changed intervals."""
+        self.config = config
+        if ctx is not None:
+            self.ctx = ctx
+        return JobChanges(len(self._intervals), *self._sync(config))
+
+    # --- inspection -----------------------------------------------------------------
+
+    def job_ids(self) -> frozenset[str]:
+        """Return the ids of the scheduled jobs."""
+        return frozenset(self._intervals)
+
+    def next_run_time(self, job_id: str) -> float | None:
+        """Return when a job runs next, unix seconds; None if unknown or not started."""
+        job = self._aps.get_job(job_id)
+        when = getattr(job, "next_run_time", None) if job is not None else None
+        return when.timestamp() if isinstance(when, datetime) else None
+
+    def job_options(self, job_id: str) -> dict[str, Any]:
+        """Return max_instances, coalesce and misfire_grace_time of a job."""
+        job = self._aps.get_job(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return {k: getattr(job, k) for k in ("max_instances", "coalesce", "misfire_grace_time")}
+
+    # --- running --------------------------------------------------------------------
+
+    async def run_target(self, name: str) -> list[ProbeResult]:
+        """Probe one configured target now over all its routes, with its DNS check; record and return."""
+        config, ctx = self.config, self.ctx
+        target = _find_target(config, name)
+        if target is None:
+            raise KeyError(name)
+
+        async def one(route: str) -> ProbeResult:
+            async with self._limit:
+                result = await self._probe(target, config.route(route), ctx)
+            self.store.record(result)
+            return result
+
+        async def check() -> tuple[DnsResult, ...]:
+            if not target.needs_dns:
+                return ()
+            async with self._limit:
+                checks = await self._check_dns(target, ctx)
+            self.store.record_dns(target.name, checks)
+            return checks
+
+        async with asyncio.TaskGroup() as group:
+            dns_task = group.create_task(check())
+            tasks = [group.create_task(one(r)) for r in target.routes]
+        checks = dns_task.result()
+        return [dataclasses.replace(t.result(), dns=checks) for t in tasks]
+
+    async def _run_pair(self, target_name: str, route_name: str) -> None:
+        config, ctx = self.config, self.ctx
+        target = _find_target(config, target_name)
+        if target is None or route_name not in target.routes:
+            return
+        async with self._limit:
+            self._record_lag()
+            result = await self._probe(target, config.route(route_name), ctx)
+        self.store.record(result)
+        log.debug("%s/%s: %s in %.3f s", target.name, route_name, result.outcome, result.duration_seconds)
+
+    async def _run_dns(self, target_name: str) -> None:
+        config, ctx = self.config, self.ctx
+        target = _find_target(config, target_name)
+        if target is None or not target.needs_dns:
+            return
+        async with self._limit:
+            self._record_lag()
+            checks = await self._check_dns(target, ctx)
+        self.store.record_dns(target.name, checks)
+
+    def _record_lag(self) -> None:
+        planned = _planned_at.get()
+        if planned is not None:
+            self.store.observe_lag(time.time() - planned)
+
+    async def _probe(self, target: Target, route: Route, ctx: ProbeContext) -> ProbeResult:
+        started, t0 = time.time(), time.monotonic()
+        try:
+            return await self._probe_fn(target, route, ctx)
+        except Exception as e:  # a prober bug: report it as `error`, never blame the network
+            log.exception("%s/%s: probe raised", target.name, route.name)
+            return ProbeResult(
+                target.name, route.name, Outcome.ERROR, started, time.monotonic() - t0,
+                error=f"{type(e).__name__}: {e}",
+            )
+
+    async def _check_dns(self, target: Target, ctx: ProbeContext) -> tuple[DnsResult, ...]:
+        try:
+            return await self._dns_fn(target, Deadline.after(target.timeout), ctx)
+        except Exception as e:  # a bug in the DNS check: every resolver reports `error`
+            log.exception("%s: DNS check raised", target.name)
+            error = f"{type(e).__name__}: {e}"
+            return tuple(DnsResult(r, Outcome.ERROR, error=error) for r in target.resolvers)
+
+    # --- jobs -----------------------------------------------------------------------
+
+    def _wanted(self, config: Config) -> dict[str, _JobSpec]:
+        jobs: dict[str, _JobSpec] = {}
+        for t in config.targets:
+            for r in t.routes:
+                jobs[probe_job_id(t.name, r)] = _JobSpec(t.interval, self._run_pair, (t.name, r))
+            if t.needs_dns:
+                jobs[dns_job_id(t.name)] = _JobSpec(t.interval, self._run_dns, (t.name,))
+        return jobs
+
+    def _sync(self, config: Config) -> tuple[int, int, int]:
+        wanted = self._wanted(config)
+        gone = [job_id for job_id in self._intervals if job_id not in wanted]
+        for job_id in gone:
+            self._aps.remove_job(job_id)
+            self._executor.cancel(job_id)
+            del self._intervals[job_id]
+        added = rescheduled = 0
+        for job_id, spec in wanted.items():
+            old = self._intervals.get(job_id)
+            if old is None:
+                self._aps.add_job(
+                    spec.func, trigger=self._trigger(job_id, spec.interval), args=spec.args, id=job_id,
+                    name=job_id, max_instances=1, coalesce=True, misfire_grace_time=_grace(spec.interval),
+                )
+                added += 1
+            elif old != spec.interval:
+                self._aps.modify_job(job_id, misfire_grace_time=_grace(spec.interval))
+                self._aps.reschedule_job(job_id, trigger=self._trigger(job_id, spec.interval))
+                rescheduled += 1
+            self._intervals[job_id] = spec.interval
+        return added, len(gone), rescheduled
+
+    @staticmethod
+    def _trigger(job_id: str, interval: float) -> IntervalTrigger:
+        # Anchored on the epoch plus a stable fraction of the interval: the runs of many
+        # jobs spread over the interval, and a job keeps its phase across restarts and reloads.
+        anchor = datetime.fromtimestamp(spread(job_id) * interval, tz=UTC)
+        return IntervalTrigger(seconds=interval, start_date=anchor, timezone=UTC)
+
+
+def _grace(interval: float) -> int:
+    return max(1, math.ceil(interval))
+
+
+def _find_target(config: Config, name: str) -> Target | None:
+    return next((t for t in config.targets if t.name == name), None)

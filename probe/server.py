@@ -1,0 +1,125 @@
+"""The HTTP endpoints of `probe run`: metrics, JSON results, ranking, on-demand probes, reload."""
+
+from __future__ import annotations
+
+import html
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from probe.config import Config
+from probe.metrics import render, render_target
+from probe.models import ProbeResult
+from probe.store import ResultStore
+
+ENDPOINTS = (
+    ("/metrics", "GET", "Prometheus metrics of every target, route and resolver"),
+    ("/api/results", "GET", "latest results as JSON"),
+    ("/api/routes", "GET", "route ranking per target as JSON, best first"),
+    ("/probe?target=NAME", "GET", "probe one configured target now; its metrics only"),
+    ("/-/healthy", "GET", "liveness"),
+    ("/-/reload", "POST", "reload the config file"),
+)
+
+
+class Backend(Protocol):
+    """What the endpoints need from the running service."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def store(self) -> ResultStore: ...
+
+    async def probe_target(self, name: str) -> list[ProbeResult]:
+        """Probe one configured target now over all its routes, with its DNS check."""
+        ...
+
+    async def reload(self) -> str | None:
+        """Reload the config file; return None on success, else why the running config stays."""
+        ...
+
+
+def create_app(backend: Backend) -> web.Application:
+    """Return the aiohttp application serving `backend`."""
+    h = _Handlers(backend)
+    app = web.Application()
+    app.router.add_get("/", h.index)
+    app.router.add_get("/metrics", h.metrics)
+    app.router.add_get("/api/results", h.results)
+    app.router.add_get("/api/routes", h.routes)
+    app.router.add_get("/probe", h.probe)
+    app.router.add_get("/-/healthy", h.healthy)
+    app.router.add_post("/-/reload", h.reload)
+    return app
+
+
+def routes_json(store: ResultStore, config: Config) -> dict[str, list[dict[str, object]]]:
+    """Return the ranking as JSON: per target, routes best first with rank and score."""
+    return {
+        target: [{"route": route, "rank": i + 1, "score": round(score, 6)} for i, (route, score) in enumerate(ranked)]
+        for target, ranked in store.ranking(config).items()
+    }
+
+
+class _Handlers:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    async def index(self, request: web.Request) -> web.Response:
+        config = self.backend.config
+        items = "\n".join(
+            f'<li><a href="{html.escape(path)}">{html.escape(path)}</a> ({method}): {html.escape(what)}</li>'
+            if method == "GET" else f"<li><code>{html.escape(path)}</code> ({method}): {html.escape(what)}</li>"
+            for path, method, what in ENDPOINTS
+        )
+        body = (
+            "<!doctype html><html><head><title>probe</title></head><body>"
+            f"<h1>probe: {html.escape(config.vantage)}</h1>"
+            f"<p>{len(config.targets)} targets, {len(config.routes)} routes, {len(config.resolvers)} resolvers</p>"
+            f"<ul>\n{items}\n</ul></body></html>\n"
+        )
+        return web.Response(text=body, content_type="text/html")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = render(self.backend.store, self.backend.config)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def results(self, request: web.Request) -> web.Response:
+        store, config = self.backend.store, self.backend.config
+        order = {t: [route for route, _ in ranked] for t, ranked in store.ranking(config).items()}
+        return web.json_response({
+            "vantage": config.vantage,
+            "results": [r.to_json() for r in store.results()],
+            "routes": order,
+        })
+
+    async def routes(self, request: web.Request) -> web.Response:
+        store, config = self.backend.store, self.backend.config
+        return web.json_response({"vantage": config.vantage, "routes": routes_json(store, config)})
+
+    async def probe(self, request: web.Request) -> web.Response:
+        name = request.query.get("target")
+        if not name:
+            raise web.HTTPBadRequest(text="missing parameter: /probe?target=NAME (a configured target)\n")
+        config = self.backend.config
+        if not any(t.name == name for t in config.targets):
+            # Only configured targets are probed: never an open proxy to arbitrary hosts.
+            raise web.HTTPNotFound(text=f"unknown target {name[:100]!r}: not in the config\n")
+        results = await self.backend.probe_target(name)
+        scratch = ResultStore(config)
+        for r in results:
+            scratch.record(r)
+        if results:
+            scratch.record_dns(name, results[0].dns)
+        return web.Response(body=render_target(scratch, config, name), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthy(self, request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    async def reload(self, request: web.Request) -> web.Response:
+        error = await self.backend.reload()
+        if error is not None:
+            raise web.HTTPBadRequest(text=f"reload failed; the running config stays:\n{error}\n")
+        return web.Response(text="OK\n")

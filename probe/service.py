@@ -1,0 +1,165 @@
+"""`probe run`: the scheduler and the HTTP server until SIGTERM; SIGHUP reloads the config."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from probe import config as config_module
+from probe.config import Config, ConfigError, parse_hostport
+from probe.context import ProbeContext
+from probe.models import ProbeResult
+from probe.scheduler import DEFAULT_CONCURRENCY, DnsFn, ProbeFn, Scheduler
+from probe.server import create_app
+from probe.store import ResultStore
+
+log = logging.getLogger("probe")
+
+# How long in-flight requests (a /probe takes up to a target's timeout) may finish on stop.
+SHUTDOWN_TIMEOUT = 5.0
+
+
+class Service:
+    """The running monitor: config, probe context, store and scheduler, and how to reload them."""
+
+    def __init__(
+        self,
+        config_path: str,
+        config: Config,
+        *,
+        probe_fn: ProbeFn | None = None,
+        dns_fn: DnsFn | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.ctx = ProbeContext(config)
+        self.store = ResultStore(config)
+        self.scheduler = Scheduler(
+            config, self.ctx, self.store, probe_fn=probe_fn, dns_fn=dns_fn, concurrency=concurrency
+        )
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[object]] = set()
+
+    def start(self) -> None:
+        """Start probing (inside the running event loop)."""
+        self.scheduler.start()
+
+    async def close(self) -> None:
+        """Stop probing, wait for in-flight probes to end, release every session."""
+        await self.scheduler.shutdown()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.ctx.close()
+
+    async def probe_target(self, name: str) -> list[ProbeResult]:
+        """Probe one configured target now over all its routes, with its DNS check."""
+        return await self.scheduler.run_target(name)
+
+    async def reload(self) -> str | None:
+        """Load the config file again and switch to it; return None, or why the running config stays."""
+        async with self._reload_lock:
+            try:
+                new = config_module.load(self.config_path)
+            except ConfigError as e:
+                self.store.reload_failed(str(e))
+                log.error("reload of %s failed, keeping the running config: %s",
+                          self.config_path, "; ".join(e.problems))
+                return str(e)
+            old, old_ctx = self.config, self.ctx
+            self.config, self.ctx = new, ProbeContext(new)
+            changes = self.scheduler.apply(new, self.ctx)
+            self.store.reload_succeeded(new)
+            # Probes already running still use the old context; close it once they must have ended.
+            grace = max((t.timeout for t in old.targets), default=0.0)
+            self._spawn(_close_later(old_ctx, grace))
+            if new.listen != old.listen:
+                log.warning("listen changed to %s; it takes effect on restart", new.listen)
+            log.info("config reloaded from %s: vantage %s, %d targets, %s", self.config_path, new.vantage,
+                     len(new.targets), changes)
+            return None
+
+    def reload_soon(self) -> None:
+        """Reload in the background (from a signal handler)."""
+        self._spawn(self.reload())
+
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+async def _close_later(ctx: ProbeContext, delay: float) -> None:
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        await ctx.close()
+
+
+async def serve(
+    config_path: str,
+    listen: str | None,
+    *,
+    probe_fn: ProbeFn | None = None,
+    dns_fn: DnsFn | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+) -> int:
+    """Run the monitor until SIGTERM or SIGINT; return the exit status. Raises ConfigError on a bad config."""
+    cfg = config_module.load(config_path)
+    address = listen or cfg.listen
+    try:
+        host, port = listen_address(address)
+    except ValueError as e:
+        log.error("cannot listen on %s: %s", address, e)
+        return 2
+    service = Service(config_path, cfg, probe_fn=probe_fn, dns_fn=dns_fn, concurrency=concurrency)
+    runner = web.AppRunner(
+        create_app(service), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Handlers go in before anything announces readiness, so an early signal is never fatal.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, service.reload_soon)
+    try:
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as e:
+            log.error("cannot listen on %s: %s", address, e.strerror or e)
+            return 1
+        bound = ", ".join(_url(a) for a in runner.addresses)
+        log.info("listening on %s (vantage %s, %d targets)", bound, cfg.vantage, len(cfg.targets))
+        service.start()
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        await service.close()
+    log.info("stopped")
+    return 0
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """Split `host:port` for the HTTP server; port 0 asks for an ephemeral port."""
+    head, sep, port = text.rpartition(":")
+    if sep and port == "0":
+        host, _ = parse_hostport(f"{head}:1")
+        return host, 0
+    return parse_hostport(text)
+
+
+def _url(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"http://[{host}]:{address[1]}" if ":" in host else f"http://{host}:{address[1]}"
+    return str(address)

@@ -1,0 +1,252 @@
+"""The scheduler with fake probe functions: spreading, overlap, coalescing, bounds, lag, reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from probe.config import Config, Route, Target, loads
+from probe.context import ProbeContext
+from probe.models import Deadline, DnsResult, Outcome, ProbeResult
+from probe.scheduler import Scheduler, dns_job_id, probe_job_id, spread
+from probe.store import ResultStore
+
+
+@pytest.fixture(autouse=True)
+def _no_vantage_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROBE_VANTAGE", raising=False)
+
+
+def make_config(n: int = 1, interval: str = "200ms", routes: int = 1, extra: str = "") -> Config:
+    route_names = ["direct"] + [f"r{i}" for i in range(1, routes)]
+    route_defs = "".join(f"  - {{name: r{i}, source_address: 127.0.0.1}}\n" for i in range(1, routes))
+    targets = "".join(
+        f"  - {{name: t{i}, address: '127.0.0.1:{1000 + i}', routes: [{', '.join(route_names)}]}}\n"
+        for i in range(n)
+    )
+    return loads(
+        f"vantage: v\ndefaults: {{interval: {interval}}}\nroutes:\n  - {{name: direct}}\n{route_defs}"
+        f"targets:\n{targets}{extra}"
+    )
+
+
+class FakeProbe:
+    """Counts calls and concurrency; sleeps `delay` (or forever with delay None)."""
+
+    def __init__(self, delay: float | None = 0.0, outcome: Outcome = Outcome.OK) -> None:
+        self.delay, self.outcome = delay, outcome
+        self.calls: Counter[tuple[str, str]] = Counter()
+        self.active: Counter[tuple[str, str]] = Counter()
+        self.max_active_per_pair = 0
+        self.total_active = self.max_total_active = 0
+        self.cancelled = 0
+
+    async def __call__(self, target: Target, route: Route, ctx: ProbeContext) -> ProbeResult:
+        pair = (target.name, route.name)
+        self.calls[pair] += 1
+        self.active[pair] += 1
+        self.total_active += 1
+        self.max_active_per_pair = max(self.max_active_per_pair, self.active[pair])
+        self.max_total_active = max(self.max_total_active, self.total_active)
+        try:
+            if self.delay is None:
+                await asyncio.Event().wait()
+            else:
+                await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active[pair] -= 1
+            self.total_active -= 1
+        return ProbeResult(target.name, route.name, self.outcome, time.time(), self.delay or 0.0)
+
+
+async def no_dns(target: Target, deadline: Deadline, ctx: ProbeContext) -> tuple[DnsResult, ...]:
+    return tuple(DnsResult(r, Outcome.OK, ("198.51.100.1",), replies=1) for r in target.resolvers)
+
+
+@asynccontextmanager
+async def running(
+    config: Config, probe: Callable[..., object], concurrency: int = 256, start: bool = True
+) -> AsyncIterator[Scheduler]:
+    store = ResultStore(config)
+    ctx = ProbeContext(config)
+    scheduler = Scheduler(config, ctx, store, probe_fn=probe, dns_fn=no_dns,  # type: ignore[arg-type]
+                          concurrency=concurrency)
+    if start:
+        scheduler.start()
+    try:
+        yield scheduler
+    finally:
+        await scheduler.shutdown()
+        await ctx.close()
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_start_times_spread_over_the_interval_deterministically() -> None:
+    config = make_config(n=40, interval="10s")
+    before = time.time()
+    async with running(config, FakeProbe()) as scheduler:
+        after = time.time()
+        next_runs = {job_id: scheduler.next_run_time(job_id) for job_id in scheduler.job_ids()}
+    assert len(next_runs) == 40
+    for job_id, at in next_runs.items():
+        assert at is not None and before <= at <= after + 10.0
+        assert at % 10.0 == pytest.approx(spread(job_id) * 10.0, abs=1e-3)  # stable phase per job
+    slots = {int((at or 0) % 10.0) for at in next_runs.values()}
+    assert len(slots) >= 8, "runs should spread over the interval, not start at once"
+    async with running(config, FakeProbe()) as again:
+        for job_id, at in next_runs.items():
+            again_at = again.next_run_time(job_id)
+            assert again_at is not None and at is not None
+            assert (again_at - at) % 10.0 == pytest.approx(0.0, abs=1e-3) or (again_at - at) % 10.0 == (
+                pytest.approx(10.0, abs=1e-3))
+
+
+async def test_a_pair_never_overlaps_when_the_probe_outlasts_its_interval() -> None:
+    probe = FakeProbe(delay=0.45)
+    async with running(make_config(interval="100ms"), probe) as scheduler:
+        await asyncio.sleep(1.2)
+        assert scheduler.job_options(probe_job_id("t0", "direct")) == {
+            "max_instances": 1, "coalesce": True, "misfire_grace_time": 1}
+    assert probe.max_active_per_pair == 1
+    assert 2 <= probe.calls[("t0", "direct")] <= 3
+
+
+async def test_runs_missed_while_the_loop_stalled_coalesce_into_one() -> None:
+    probe = FakeProbe()
+    async with running(make_config(interval="100ms"), probe):
+        await wait_for(lambda: probe.calls[("t0", "direct")] >= 1)
+        before = probe.calls[("t0", "direct")]
+        time.sleep(0.6)  # block the loop: six planned runs pass
+        await asyncio.sleep(0.02)
+        after = probe.calls[("t0", "direct")]
+    assert 1 <= after - before <= 2
+
+
+async def test_global_concurrency_bound_holds() -> None:
+    probe = FakeProbe(delay=0.1)
+    async with running(make_config(n=10, interval="100ms"), probe, concurrency=3):
+        await asyncio.sleep(0.6)
+    assert probe.max_total_active == 3
+    assert sum(probe.calls.values()) >= 6
+
+
+async def test_lag_from_the_planned_time_is_recorded() -> None:
+    probe = FakeProbe(delay=0.05)
+    async with running(make_config(n=6, interval="100ms"), probe, concurrency=1) as scheduler:
+        await wait_for(lambda: scheduler.store.lag.count >= 6)
+    lag = scheduler.store.lag
+    assert lag.sum > 0.05  # with one slot, most runs waited behind others
+    assert all(n >= 0 for n in lag.counts)
+
+
+async def test_results_and_dns_checks_go_to_the_store() -> None:
+    config = loads("""
+vantage: v
+defaults: {interval: 100ms}
+resolvers: [{name: system, type: system}, {name: ali, type: udp, address: 127.0.0.1}]
+targets:
+  - {name: named, address: "svc.example:443"}
+  - {name: literal, address: "127.0.0.1:443"}
+""")
+    probe = FakeProbe()
+    async with running(config, probe) as scheduler:
+        assert scheduler.job_ids() == {probe_job_id("named", "direct"), probe_job_id("literal", "direct"),
+                                       dns_job_id("named")}
+        store = scheduler.store
+        await wait_for(lambda: len(store.results()) == 2 and bool(store.dns("named")))
+    assert [d.resolver for d in store.dns("named")] == ["system", "ali"]
+    assert store.dns("literal") == ()
+
+
+async def test_a_raising_probe_is_recorded_as_error() -> None:
+    async def broken(target: Target, route: Route, ctx: ProbeContext) -> ProbeResult:
+        raise RuntimeError("bug in a prober")
+
+    async def broken_dns(target: Target, deadline: Deadline, ctx: ProbeContext) -> tuple[DnsResult, ...]:
+        raise NotImplementedError
+
+    config = loads("vantage: v\ndefaults: {interval: 100ms}\ntargets: [{name: t, address: 'x.example:1'}]")
+    store = ResultStore(config)
+    ctx = ProbeContext(config)
+    scheduler = Scheduler(config, ctx, store, probe_fn=broken, dns_fn=broken_dns)
+    scheduler.start()
+    try:
+        await wait_for(lambda: store.latest("t", "direct") is not None and bool(store.dns("t")))
+    finally:
+        await scheduler.shutdown()
+    latest = store.latest("t", "direct")
+    assert latest is not None and latest.outcome is Outcome.ERROR
+    assert latest.error == "RuntimeError: bug in a prober"
+    assert {d.outcome for d in store.dns("t")} == {Outcome.ERROR}
+
+
+async def test_shutdown_cancels_and_awaits_in_flight_probes() -> None:
+    probe = FakeProbe(delay=None)
+    async with running(make_config(n=3, interval="100ms"), probe):
+        await wait_for(lambda: probe.total_active == 3)
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 0.5
+    assert probe.cancelled == 3 and probe.total_active == 0
+
+
+async def test_apply_adds_removes_and_reschedules_jobs_without_restarting() -> None:
+    config = make_config(n=3, interval="10s")
+    probe = FakeProbe()
+    async with running(config, probe) as scheduler:
+        kept = probe_job_id("t0", "direct")
+        kept_next = scheduler.next_run_time(kept)
+        new = loads(
+            "vantage: v\ndefaults: {interval: 10s}\ntargets:\n"
+            "  - {name: t0, address: '127.0.0.1:1000'}\n"
+            "  - {name: t1, address: '127.0.0.1:1001', interval: 20s}\n"
+            "  - {name: t9, address: '127.0.0.1:1009'}\n"
+        )
+        changes = scheduler.apply(new)
+        assert (changes.added, changes.removed, changes.rescheduled) == (1, 1, 1)
+        assert str(changes) == "3 jobs (1 added, 1 removed, 1 rescheduled)"
+        assert scheduler.job_ids() == {kept, probe_job_id("t1", "direct"), probe_job_id("t9", "direct")}
+        assert scheduler.next_run_time(kept) == kept_next  # unchanged jobs keep their schedule
+        t1_next = scheduler.next_run_time(probe_job_id("t1", "direct"))
+        assert t1_next is not None and t1_next % 20.0 == pytest.approx(
+            spread(probe_job_id("t1", "direct")) * 20.0, abs=1e-3)
+        assert scheduler.job_options(probe_job_id("t1", "direct"))["misfire_grace_time"] == 20
+        assert scheduler.next_run_time(probe_job_id("t2", "direct")) is None
+
+
+async def test_apply_cancels_in_flight_runs_of_removed_pairs() -> None:
+    probe = FakeProbe(delay=None)
+    async with running(make_config(n=2, interval="100ms"), probe) as scheduler:
+        await wait_for(lambda: probe.total_active == 2)
+        scheduler.apply(make_config(n=1, interval="100ms"))
+        await wait_for(lambda: probe.cancelled == 1)
+        assert probe.active[("t0", "direct")] == 1
+
+
+async def test_run_target_probes_every_route_and_checks_dns_now() -> None:
+    config = loads("""
+vantage: v
+routes: [{name: direct}, {name: b, source_address: 127.0.0.1}]
+targets: [{name: t, address: "svc.example:443", routes: [direct, b], interval: 1h}]
+""")
+    probe = FakeProbe()
+    async with running(config, probe, start=False) as scheduler:
+        results = await scheduler.run_target("t")
+        with pytest.raises(KeyError):
+            await scheduler.run_target("nope")
+    assert [(r.target, r.route) for r in results] == [("t", "direct"), ("t", "b")]
+    assert all(r.dns and r.dns[0].resolver == "system" for r in results)
+    assert scheduler.store.latest("t", "b") is not None

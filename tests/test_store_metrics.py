@@ -1,0 +1,302 @@
+"""ResultStore bookkeeping and the collector's exposition, parsed back with prometheus_client."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from probe import metrics
+from probe.config import Config, loads
+from probe.models import DnsResult, Outcome, Phase, ProbeResult, TlsInfo
+from probe.store import LATENCY_BUCKETS, ResultStore
+
+CONFIG = """
+vantage: test-vantage
+resolvers:
+  - {name: system, type: system}
+  - {name: ali, type: udp, address: 127.0.0.1}
+routes:
+  - {name: direct}
+  - {name: hk-socks, proxy: "socks5://user:secret@127.0.0.1:1080"}
+targets:
+  - name: web
+    url: https://web.example/ping
+    routes: [direct, hk-socks]
+    download: {url: https://web.example/1MiB.bin, min_bytes_per_second: 1000}
+  - name: ssh
+    address: 127.0.0.1:22
+"""
+
+ALL_OUTCOMES = {o.value for o in Outcome}
+ALL_PHASES = {p.value for p in Phase}
+
+
+@pytest.fixture(autouse=True)
+def _no_vantage_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROBE_VANTAGE", raising=False)
+
+
+def config(text: str = CONFIG) -> Config:
+    return loads(text)
+
+
+def result(
+    target: str, route: str, outcome: Outcome = Outcome.OK, duration: float = 0.1, **kwargs: object
+) -> ProbeResult:
+    return ProbeResult(target, route, outcome, time.time(), duration, **kwargs)  # type: ignore[arg-type]
+
+
+def samples(text: bytes) -> dict[str, list[Sample]]:
+    out: dict[str, list[Sample]] = defaultdict(list)
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            out[s.name].append(s)
+    return out
+
+
+def by_pair(items: list[Sample], key: str) -> dict[tuple[str, str], dict[str, float]]:
+    out: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for s in items:
+        second = s.labels.get("route") or s.labels["resolver"]
+        out[(s.labels["target"], second)][s.labels[key]] = s.value
+    return out
+
+
+def test_every_outcome_is_present_per_pair_with_one_set() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    store.record(result("web", "direct", Outcome.TLS_RESET, phases={Phase.RESOLVE: 0.004, Phase.CONNECT: 0.06}))
+    s = samples(metrics.render(store, cfg))
+    outcomes = by_pair(s["probe_outcome"], "outcome")
+    assert set(outcomes) == {("web", "direct"), ("web", "hk-socks"), ("ssh", "direct")}
+    for values in outcomes.values():
+        assert set(values) == ALL_OUTCOMES and len(values) == 17
+    assert outcomes[("web", "direct")]["tls_reset"] == 1.0
+    assert sum(outcomes[("web", "direct")].values()) == 1.0
+    assert sum(outcomes[("web", "hk-socks")].values()) == 0.0  # not probed yet
+    assert all(x.labels["vantage"] == "test-vantage" for x in s["probe_outcome"])
+
+
+def test_runs_total_precreates_every_outcome_and_counts_runs() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    store.record(result("ssh", "direct", Outcome.TCP_REFUSED))
+    store.record(result("ssh", "direct", Outcome.TCP_REFUSED))
+    store.record(result("ssh", "direct"))
+    runs = by_pair(samples(metrics.render(store, cfg))["probe_runs_total"], "outcome")
+    assert all(set(v) == ALL_OUTCOMES for v in runs.values())
+    assert runs[("ssh", "direct")]["tcp_refused"] == 2.0
+    assert runs[("ssh", "direct")]["ok"] == 1.0
+    assert sum(runs[("web", "direct")].values()) == 0.0
+
+
+def test_phase_histogram_precreates_all_phases_with_latency_buckets() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    store.record(result("web", "direct", phases={Phase.RESOLVE: 0.004, Phase.CONNECT: 0.03}))
+    s = samples(metrics.render(store, cfg))
+    buckets = [x for x in s["probe_phase_seconds_bucket"] if x.labels["target"] == "web"]
+    assert {x.labels["phase"] for x in buckets} == ALL_PHASES
+    direct_resolve = {
+        x.labels["le"]: x.value
+        for x in buckets
+        if x.labels["route"] == "direct" and x.labels["phase"] == "resolve"
+    }
+    assert len(direct_resolve) == len(LATENCY_BUCKETS) + 1
+    assert direct_resolve["0.0025"] == 0.0 and direct_resolve["0.005"] == 1.0 and direct_resolve["+Inf"] == 1.0
+    counts = {(x.labels["route"], x.labels["phase"]): x.value for x in s["probe_phase_seconds_count"]
+              if x.labels["target"] == "web"}
+    assert counts[("direct", "connect")] == 1.0 and counts[("direct", "tls")] == 0.0
+    assert counts[("hk-socks", "resolve")] == 0.0
+
+
+def test_http_target_exports_all_five_http_phases_and_status() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    tls = TlsInfo("TLS 1.3", earliest_cert_expiry=1_900_000_000.0)
+    store.record(result("web", "direct", phases={Phase.RESOLVE: 0.01, Phase.CONNECT: 0.02}, http_status=200,
+                        tls=tls, throughput_bytes_per_second=123456.0))
+    store.record(result("ssh", "direct", phases={Phase.CONNECT: 0.02}))
+    s = samples(metrics.render(store, cfg))
+    http = by_pair(s["probe_http_duration_seconds"], "phase")
+    assert set(http) == {("web", "direct")}  # only HTTP targets, only once they have a result
+    assert http[("web", "direct")] == {"resolve": 0.01, "connect": 0.02, "tls": 0.0, "processing": 0.0,
+                                       "transfer": 0.0}
+    assert [(x.labels["target"], x.value) for x in s["probe_http_status_code"]] == [("web", 200.0)]
+    assert [x.labels["version"] for x in s["probe_tls_version_info"]] == ["TLS 1.3"]
+    assert s["probe_ssl_earliest_cert_expiry"][0].value == 1_900_000_000.0
+    assert s["probe_throughput_bytes_per_second"][0].value == 123456.0
+    assert {(x.labels["target"], x.value) for x in s["probe_success"]} == {("web", 1.0), ("ssh", 1.0)}
+
+
+def test_blocked_and_success_follow_the_last_outcome() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    store.record(result("ssh", "direct"))
+    store.record(result("ssh", "direct", Outcome.TCP_TIMEOUT, duration=10.0))
+    s = samples(metrics.render(store, cfg))
+    assert s["probe_success"][0].value == 0.0
+    assert s["probe_blocked"][0].value == 1.0
+    assert s["probe_duration_seconds"][0].value == 10.0
+    assert s["probe_last_run_timestamp_seconds"][0].value == pytest.approx(time.time() + 10.0, abs=5)
+
+
+def test_dns_series_are_per_resolver_with_every_outcome() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    store.record_dns("web", (
+        DnsResult("system", Outcome.OK, ("198.51.100.20",), replies=1, consistent=True, duration_seconds=0.004),
+        DnsResult("ali", Outcome.DNS_INJECTION, ("10.0.0.1",), replies=2, consistent=False,
+                  duration_seconds=0.02),
+    ))
+    s = samples(metrics.render(store, cfg))
+    outcomes = by_pair(s["probe_dns_outcome"], "outcome")
+    assert set(outcomes) == {("web", "system"), ("web", "ali")}  # ssh is an IP literal: no DNS series
+    assert all(set(v) == ALL_OUTCOMES for v in outcomes.values())
+    assert outcomes[("web", "ali")]["dns_injection"] == 1.0
+    for name in ("probe_dns_outcome", "probe_dns_replies", "probe_dns_consistent",
+                 "probe_dns_lookup_time_seconds"):
+        assert all("route" not in x.labels and x.labels["vantage"] == "test-vantage" for x in s[name]), name
+    assert {x.labels["resolver"]: x.value for x in s["probe_dns_replies"]} == {"system": 1.0, "ali": 2.0}
+    assert {x.labels["resolver"]: x.value for x in s["probe_dns_consistent"]} == {"system": 1.0, "ali": 0.0}
+    assert {x.labels["resolver"]: x.value for x in s["probe_dns_lookup_time_seconds"]} == {
+        "system": 0.004, "ali": 0.02}
+
+
+def test_route_rank_and_score_put_working_routes_first() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    store.record(result("web", "direct", Outcome.TLS_RESET, duration=0.01))
+    store.record(result("web", "hk-socks", duration=0.5))
+    s = samples(metrics.render(store, cfg))
+    rank = {(x.labels["target"], x.labels["route"]): x.value for x in s["probe_route_rank"]}
+    assert rank == {("web", "hk-socks"): 1.0, ("web", "direct"): 2.0, ("ssh", "direct"): 1.0}
+    score = {(x.labels["target"], x.labels["route"]): x.value for x in s["probe_route_score"]}
+    assert score[("web", "hk-socks")] < score[("web", "direct")]
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "expected"),
+    [
+        pytest.param({"a": (Outcome.OK, 0.3), "b": (Outcome.OK, 0.1)}, ["b", "a", "c"], id="faster-working-first"),
+        pytest.param({"a": (Outcome.TCP_REFUSED, 0.01), "b": (Outcome.OK, 5.0)}, ["b", "c", "a"],
+                     id="failing-after-working-and-unprobed"),
+        pytest.param({"a": (Outcome.TLS_RESET, 0.01), "c": (Outcome.HTTP_TIMEOUT, 9.0)}, ["b", "c", "a"],
+                     id="blocked-after-failing"),
+        pytest.param({}, ["a", "b", "c"], id="unprobed-keep-config-order"),
+    ],
+)
+def test_ranking_orders_routes(outcomes: dict[str, tuple[Outcome, float]], expected: list[str]) -> None:
+    cfg = loads("""
+vantage: v
+routes: [{name: a, source_address: 127.0.0.1}, {name: b, source_address: 127.0.0.2},
+         {name: c, source_address: 127.0.0.3}]
+targets: [{name: t, address: "127.0.0.1:1", routes: [a, b, c]}]
+""")
+    store = ResultStore(cfg)
+    for route, (outcome, duration) in outcomes.items():
+        store.record(result("t", route, outcome, duration))
+    assert [route for route, _ in store.ranking(cfg)["t"]] == expected
+
+
+def test_retain_drops_every_series_of_removed_targets_routes_and_resolvers() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    for route in ("direct", "hk-socks"):
+        store.record(result("web", route, phases={Phase.CONNECT: 0.01}))
+    store.record(result("ssh", "direct"))
+    store.record_dns("web", (DnsResult("system", Outcome.OK), DnsResult("ali", Outcome.OK)))
+    smaller = config(CONFIG.replace("routes: [direct, hk-socks]", "routes: [direct]\n    resolvers: [system]")
+                     .replace("  - name: ssh\n    address: 127.0.0.1:22\n", ""))
+    store.retain(smaller)
+    text = metrics.render(store, smaller).decode()
+    assert 'target="ssh"' not in text
+    assert 'route="hk-socks"' not in text
+    assert 'resolver="ali"' not in text
+    assert store.latest("web", "direct") is not None  # unchanged pairs keep their results
+    assert store.runs("web", "direct") == {Outcome.OK: 1}
+    assert store.runs("web", "hk-socks") == {} and store.phase_histogram("web", "hk-socks", Phase.CONNECT) is None
+    assert [d.resolver for d in store.dns("web")] == ["system"]
+    store.retain(cfg)  # re-adding starts from zero, not from the old counters
+    assert store.latest("ssh", "direct") is None
+
+
+def test_record_ignores_results_of_pairs_not_configured() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    assert not store.record(result("gone", "direct"))
+    assert not store.record(result("ssh", "hk-socks"))
+    assert not store.record_dns("gone", ())
+    assert store.results() == []
+
+
+def test_results_are_in_config_order_with_dns_of_the_latest_check() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    store.record(result("ssh", "direct"))
+    store.record(result("web", "hk-socks"))
+    store.record(result("web", "direct"))
+    check = (DnsResult("system", Outcome.OK, ("198.51.100.20",)),)
+    store.record_dns("web", check)
+    assert [(r.target, r.route) for r in store.results()] == [("web", "direct"), ("web", "hk-socks"),
+                                                              ("ssh", "direct")]
+    assert [r.dns for r in store.results()] == [check, check, ()]
+
+
+def test_reload_bookkeeping_is_exported() -> None:
+    clock = iter([100.0, 200.0])
+    cfg = config()
+    store = ResultStore(cfg, clock=lambda: next(clock))
+    s = samples(metrics.render(store, cfg))
+    assert s["prober_config_last_reload_successful"][0].value == 1.0
+    assert s["prober_config_last_reload_success_timestamp_seconds"][0].value == 100.0
+    store.reload_failed("targets[0].routes[0]: unknown route 'hk'")
+    s = samples(metrics.render(store, cfg))
+    assert s["prober_config_last_reload_successful"][0].value == 0.0
+    assert s["prober_config_last_reload_success_timestamp_seconds"][0].value == 100.0
+    store.reload_succeeded(cfg)
+    s = samples(metrics.render(store, cfg))
+    assert s["prober_config_last_reload_successful"][0].value == 1.0
+    assert s["prober_config_last_reload_success_timestamp_seconds"][0].value == 200.0
+    assert s["prober_config_last_reload_successful"][0].labels == {"vantage": "test-vantage"}
+
+
+def test_scheduler_lag_histogram_is_global() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    store.observe_lag(0.003)
+    store.observe_lag(-0.001)  # clock skew never makes a negative lag
+    s = samples(metrics.render(store, cfg))
+    assert s["prober_scheduler_lag_seconds_count"][0].value == 2.0
+    assert s["prober_scheduler_lag_seconds_count"][0].labels == {"vantage": "test-vantage"}
+    assert s["prober_scheduler_lag_seconds_sum"][0].value == pytest.approx(0.003)
+
+
+def test_render_includes_process_metrics() -> None:
+    cfg = config()
+    s = samples(metrics.render(ResultStore(cfg), cfg))
+    assert "python_info" in s
+    assert "process_cpu_seconds_total" in s
+
+
+def test_render_target_holds_only_that_target_and_no_globals() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    store.record(result("web", "direct"))
+    store.record(result("ssh", "direct"))
+    s = samples(metrics.render_target(store, cfg, "web"))
+    assert {x.labels["target"] for xs in s.values() for x in xs} == {"web"}
+    assert not any(name.startswith(("prober_", "process_", "python_")) for name in s)
+    assert "probe_success" in s
+
+
+def test_labels_never_carry_free_text() -> None:
+    cfg = config()
+    store = ResultStore(cfg)
+    store.record(result("web", "direct", Outcome.ERROR, error="boom: secret detail", evidence=("x y z",)))
+    text = metrics.render(store, cfg).decode()
+    assert "boom" not in text and "x y z" not in text and "secret" not in text
