@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -53,7 +54,12 @@ def failure_evidence(trace: Trace, outcome: Outcome, exc: BaseException) -> str:
     peer = trace.peer or trace.address or "?"
     sni = f" (sni={trace.sni})" if trace.sni else ""
     host = f" (Host: {trace.http_host})" if trace.http_host else ""
-    reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+    reason = (
+        getattr(exc, "verify_message", None)
+        or getattr(exc, "reason", None)
+        or (os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else None)
+        or exc
+    )
     match outcome:
         case Outcome.TCP_TIMEOUT if trace.stage is Stage.CONNECT:
             return f"no answer to the TCP handshake with {peer} within {ms}"
