@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_config(sub.add_parser("run", help="scheduler + HTTP server until SIGTERM; SIGHUP reloads"))
     run.add_argument("--listen", help="host:port for the HTTP server (overrides the config's listen)")
+    run.add_argument("--shard", type=_shard, metavar="I/N",
+                     help="run only shard I of N of the targets (replicas of one vantage split the work)")
+
+    demo = sub.add_parser("demo", help="a simulated border on loopback, and the monitor probing it (no root)")
+    demo.add_argument("--listen", default="127.0.0.1:9516", help="host:port for the monitor (default %(default)s)")
 
     once = with_config(sub.add_parser("once", help="one round of every (target, route), then exit"))
     once.add_argument("--target", action="append", metavar="NAME", help="only this target (repeatable)")
@@ -73,12 +78,16 @@ def _main(argv: Sequence[str] | None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "demo":
+        from probe.demo import main as demo_main
+
+        return demo_main(args)
     path = args.config or default_config_path()
     if args.command == "run":
         from probe.service import serve
 
         try:
-            return asyncio.run(serve(path, args.listen))
+            return asyncio.run(serve(path, args.listen, shard=args.shard))
         except config.ConfigError as e:
             return _config_failed(path, e)
         except KeyboardInterrupt:
@@ -127,6 +136,13 @@ def _main(argv: Sequence[str] | None) -> int:
         else:
             sys.stdout.write(ranking_table(ranked, results, color=_use_color(sys.stdout)))
     return EXIT_OK if all(r.outcome is Outcome.OK for r in results) else EXIT_NOT_OK
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        return config.parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _select(cfg: config.Config, wanted: list[str] | None, known: list[str], what: str) -> list[str] | None:

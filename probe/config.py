@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
 import socket
 import ssl
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -23,6 +25,7 @@ DEFAULT_INTERVAL = 30.0
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_DOWNLOAD_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_DNS_REPLY_WINDOW = 0.5
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -128,6 +131,9 @@ class Target:
     interval: float = DEFAULT_INTERVAL
     timeout: float = DEFAULT_TIMEOUT
     ca_file: str | None = None
+    dnssec: bool = False  # validate the answer chain (DNSSEC) for this name
+    dns_reply_window: float = DEFAULT_DNS_REPLY_WINDOW  # UDP: keep listening this long after the first reply
+    group: str | None = None  # endpoints serving the same content (mirrors, regions) share a group
 
     @property
     def uses_tls(self) -> bool:
@@ -172,6 +178,15 @@ class Config:
     def target(self, name: str) -> Target:
         """Return the target called `name`."""
         return next(t for t in self.targets if t.name == name)
+
+    def shard(self, index: int, count: int) -> Config:
+        """Return the config with only this shard's targets (of `count`, 0-based `index`).
+
+        A target belongs to shard crc32(name) % count: stable across restarts and replicas,
+        and all routes of a target stay in one replica so its ranking stays whole.
+        """
+        mine = tuple(t for t in self.targets if zlib.crc32(t.name.encode()) % count == index)
+        return dataclasses.replace(self, targets=mine)
 
     def route_resolver(self, route: Route) -> Resolver:
         """Return the resolver whose answers a route connects to."""
@@ -220,6 +235,14 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port in {text!r}")
     return host, int(port_text)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse `i/n` (1-based, as operators count replicas) into a 0-based (index, count)."""
+    index, sep, count = text.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit() or not 1 <= int(index) <= int(count):
+        raise ValueError(f"bad shard {text!r}: use i/n with 1 <= i <= n, e.g. 2/3")
+    return int(index) - 1, int(count)
 
 
 def parse_proxy(text: str) -> Proxy:
@@ -290,9 +313,9 @@ _TOP_KEYS = {"vantage", "listen", "defaults", "resolvers", "canaries", "bogons",
 _TARGET_KEYS = {
     "name", "url", "address", "tls", "server_name", "expect", "method", "headers",
     "max_body_bytes", "follow_redirects", "download", "routes", "resolvers",
-    "interval", "timeout", "ca_file",
+    "interval", "timeout", "ca_file", "dnssec", "dns_reply_window", "group",
 }
-_DEFAULTABLE = _TARGET_KEYS - {"name", "url", "address"}
+_DEFAULTABLE = _TARGET_KEYS - {"name", "url", "address", "group"}
 _RESOLVER_KEYS = {"name", "type", "address", "url", "server_name", "control", "ca_file"}
 _ROUTE_KEYS = {"name", "source_address", "proxy", "resolver"}
 _EXPECT_KEYS = {"status", "body_contains", "body_regex", "headers"}
@@ -704,6 +727,19 @@ class _Validator:
         kwargs["interval"], kwargs["timeout"] = interval, timeout
         ca_raw, ca_path = get("ca_file")
         kwargs["ca_file"] = self.ca_file(ca_raw, ca_path)
+        dnssec_raw, dnssec_path = get("dnssec", False)
+        if self.typed(dnssec_raw, dnssec_path, bool, "true or false") is not None:
+            kwargs["dnssec"] = dnssec_raw
+        window_raw, window_path = get("dns_reply_window")
+        if window_raw is not None and (window := self.duration(window_raw, window_path)) is not None:
+            if timeout is not None and window >= timeout:
+                self.fail(window_path, f"dns_reply_window {window_raw} must be shorter than the timeout ({timeout:g}s)")
+            else:
+                kwargs["dns_reply_window"] = window
+        if "group" in m:
+            group = self.name(m["group"], f"{path}.group")
+            if group is not None:
+                kwargs["group"] = group
         routes_raw, routes_path = get("routes", ["direct"])
         kwargs["routes"] = self.references(routes_raw, routes_path, set(route_names), "route")
         res_raw, res_path = get("resolvers")

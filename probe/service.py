@@ -35,8 +35,10 @@ class Service:
         probe_fn: ProbeFn | None = None,
         dns_fn: DnsFn | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.config_path = config_path
+        self.shard = shard
         self.config = config
         self.ctx = ProbeContext(config)
         self.store = ResultStore(config)
@@ -66,7 +68,7 @@ class Service:
         """Load the config file again and switch to it; return None, or why the running config stays."""
         async with self._reload_lock:
             try:
-                new = config_module.load(self.config_path)
+                new = load_config(self.config_path, self.shard)
             except ConfigError as e:
                 self.store.reload_failed(str(e))
                 log.error("reload of %s failed, keeping the running config: %s",
@@ -109,16 +111,19 @@ async def serve(
     probe_fn: ProbeFn | None = None,
     dns_fn: DnsFn | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
+    shard: tuple[int, int] | None = None,
 ) -> int:
     """Run the monitor until SIGTERM or SIGINT; return the exit status. Raises ConfigError on a bad config."""
-    cfg = config_module.load(config_path)
+    cfg = load_config(config_path, shard)
     address = listen or cfg.listen
     try:
         host, port = listen_address(address)
     except ValueError as e:
         log.error("cannot listen on %s: %s", address, e)
         return 2
-    service = Service(config_path, cfg, probe_fn=probe_fn, dns_fn=dns_fn, concurrency=concurrency)
+    service = Service(config_path, cfg, probe_fn=probe_fn, dns_fn=dns_fn, concurrency=concurrency, shard=shard)
+    if shard is not None:
+        log.info("shard %d/%d: %d targets are this replica's", shard[0] + 1, shard[1], len(cfg.targets))
     runner = web.AppRunner(
         create_app(service), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
@@ -147,6 +152,12 @@ async def serve(
         await service.close()
     log.info("stopped")
     return 0
+
+
+def load_config(path: str, shard: tuple[int, int] | None) -> Config:
+    """Load the config file, keeping only this replica's shard of targets when sharded."""
+    cfg = config_module.load(path)
+    return cfg.shard(*shard) if shard is not None else cfg
 
 
 def listen_address(text: str) -> tuple[str, int]:
