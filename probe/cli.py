@@ -11,10 +11,11 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from probe import __version__, config
+from probe import __version__, config, ranking
 from probe.context import ProbeContext
 from probe.models import Outcome, ProbeResult
 from probe.output import Progress, ranking_table, results_table
+from probe.store import ResultStore
 
 EXIT_OK, EXIT_NOT_OK, EXIT_USAGE = 0, 1, 2
 
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("check", help="validate the config and exit"))
 
-    routes = with_config(sub.add_parser("routes", help="one round, then the route ranking per target"))
+    routes = with_config(sub.add_parser(
+        "routes", help="one round, then the route ranking per target and per endpoint group"))
     routes.add_argument("--target", action="append", metavar="NAME", help="only this target (repeatable)")
     routes.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -113,28 +115,28 @@ def _main(argv: Sequence[str] | None) -> int:
     if not results:
         print("probe: no (target, route) pair matches the selection", file=sys.stderr)
         return EXIT_USAGE
-    from probe.store import ResultStore
-
     store = ResultStore(cfg)
     for r in results:
         store.record(r)
         store.record_dns(r.target, r.dns)
-    order = {t: [name for name, _ in ranked] for t, ranked in store.ranking(cfg).items()}
-    if args.command == "once":
-        if args.json:
-            _print_json({"vantage": cfg.vantage, "results": [r.to_json() for r in results], "routes": order})
-        else:
-            sys.stdout.write(results_table(results, color=_use_color(sys.stdout)))
+    routes, groups = store.ranking(cfg), store.group_ranking(cfg)
+    if chosen is not None:  # only the selected targets, and the groups they belong to
+        names = {t.name for t in chosen}
+        routes = {t: ranked for t, ranked in routes.items() if t in names}
+        groups = {g: ranked for g, ranked in groups.items() if any(r.target in names for r in ranked)}
+    if args.command == "once" and args.json:
+        _print_json({
+            "vantage": cfg.vantage,
+            "results": [r.to_json() for r in results],
+            "routes": ranking.order(routes),
+            "groups": ranking.group_order(groups),
+        })
+    elif args.command == "once":
+        sys.stdout.write(results_table(results, color=_use_color(sys.stdout)))
+    elif args.json:
+        _print_json({"vantage": cfg.vantage, **ranking.to_json(routes, groups)})
     else:
-        ranked = store.ranking(cfg)
-        if args.json:
-            _print_json({
-                "vantage": cfg.vantage,
-                "routes": {t: [{"route": n, "rank": i + 1, "score": s} for i, (n, s) in enumerate(v)]
-                           for t, v in ranked.items()},
-            })
-        else:
-            sys.stdout.write(ranking_table(ranked, results, color=_use_color(sys.stdout)))
+        sys.stdout.write(ranking_table(routes, groups, color=_use_color(sys.stdout)))
     return EXIT_OK if all(r.outcome is Outcome.OK for r in results) else EXIT_NOT_OK
 
 

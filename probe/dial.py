@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from typing import Any
 
-from python_socks import ProxyType
+from python_socks import ProxyConnectionError, ProxyError, ProxyType
 from python_socks.async_.asyncio import Proxy as AsyncProxy
 
-from probe.classify import Stage
-from probe.config import Route
-from probe.models import Phase, TlsInfo
+from probe.classify import ProbeFailure, Stage, classify
+from probe.config import Proxy, Route
+from probe.models import Outcome, Phase, TlsInfo
 from probe.trace import Trace
 
 STREAM_LIMIT = 64 * 1024
@@ -25,13 +26,16 @@ async def connect(
     """Connect to host:port over `route`, timing the `connect` phase.
 
     `host` is an IP address on direct and bound routes; on proxy routes it may be a name,
-    which the proxy resolves (socks5h semantics). Through a proxy, `connect` covers the TCP
-    handshake with the proxy and the proxy's own connection to the target.
+    which the proxy resolves (socks5h semantics, for socks5:// too). Through a proxy,
+    `connect` covers the TCP handshake with the proxy, authentication, the proxy's own name
+    resolution and its connection to the target. Proxy failures are ProxyFailures whose
+    text names the proxy by its redacted URL, never its credentials.
     """
     trace.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     with trace.phase(Phase.CONNECT, Stage.CONNECT):
         if route.proxy is not None:
-            sock = await _proxy_connect(host, port, route)
+            trace.peer += f" via {route.proxy.redacted()}"
+            sock = await _proxy_connect(host, port, route.proxy, trace)
         else:
             sock = await _direct_connect(host, port, route.source_address)
         reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
@@ -54,22 +58,70 @@ async def _direct_connect(host: str, port: int, source_address: str | None) -> s
     return sock
 
 
-async def _proxy_connect(host: str, port: int, route: Route) -> socket.socket:
-    assert route.proxy is not None
-    p = route.proxy
-    kind = ProxyType.HTTP if p.scheme == "http" else ProxyType.SOCKS5
-    proxy = AsyncProxy.create(
-        proxy_type=kind,
+class ProxyFailure(ProbeFailure):
+    """The proxy was unreachable, refused the credentials, or would not carry the probe to the target."""
+
+    def __init__(self, message: str, outcome: Outcome, reason: str | None = None) -> None:
+        super().__init__(message, outcome)
+        self.reason = reason or message  # the probe's evidence line ends with this
+
+
+# What a proxy's refusal means (python-socks puts the SOCKS5 reply code or the HTTP status in
+# error_code). Anything not listed is tcp_refused: the proxy could not, or would not, reach the target.
+_SOCKS_REPLIES = {6: Outcome.TCP_TIMEOUT, 7: Outcome.ERROR, 8: Outcome.ERROR}  # TTL expired; unsupported
+_HTTP_STATUSES = {504: Outcome.TCP_TIMEOUT}  # the proxy's own connection timed out
+_HTTP_AUTH_STATUSES = {401, 407}
+
+
+async def _proxy_connect(host: str, port: int, p: Proxy, trace: Trace) -> socket.socket:
+    proxy = AsyncProxy(
+        proxy_type=ProxyType.HTTP if p.scheme == "http" else ProxyType.SOCKS5,
         host=p.host,
         port=p.port,
         username=p.username,
         password=p.password,
-        rdns=p.scheme != "socks5",  # socks5h and http: the proxy resolves the name
+        rdns=True,  # the proxy resolves names: local poisoning cannot touch them
     )
-    # The probe's deadline bounds this; python-socks wants its own timeout too.
-    sock: socket.socket = await proxy.connect(host, port, timeout=3600)
+    try:
+        # The probe's deadline bounds this; python-socks wants its own timeout too.
+        sock: socket.socket = await proxy.connect(host, port, timeout=3600)
+    except ProxyConnectionError as e:
+        trace.peer = f"proxy {p.redacted()}"
+        raise _unreachable(p, e) from e
+    except ProxyError as e:
+        raise _refused(p, e, trace) from e
+    except (ConnectionError, EOFError) as e:
+        trace.peer = f"proxy {p.redacted()}"
+        raise ProxyFailure(f"proxy {p.redacted()} reset the connection during its handshake", Outcome.TCP_RESET) from e
     sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def _unreachable(p: Proxy, e: ProxyConnectionError) -> ProxyFailure:
+    text = os.strerror(e.errno) if e.errno else str(e)
+    outcome = classify(Stage.CONNECT, OSError(e.errno, text))  # the errno table of a direct connect
+    reason = f"{text}; the proxy itself is unreachable"
+    return ProxyFailure(f"proxy {p.redacted()} is unreachable: {text}", outcome, reason)
+
+
+def _refused(p: Proxy, e: ProxyError, trace: Trace) -> ProxyFailure:
+    answer, code = str(e), e.error_code
+    # python-socks reports SOCKS5 authentication failures by message only, without a code.
+    auth_failed = code in _HTTP_AUTH_STATUSES if p.scheme == "http" else "authentication" in answer.lower()
+    if auth_failed:
+        what = "rejected the credentials" if p.username is not None else "requires credentials"
+        return ProxyFailure(f"proxy {p.redacted()} {what}: {answer}", Outcome.ERROR)
+    if code is None:  # it hung up or answered something that is not the protocol
+        trace.peer = f"proxy {p.redacted()}"
+        trace.note(f"proxy {p.redacted()} broke off its handshake: {answer}")
+        return ProxyFailure(f"proxy {p.redacted()} broke off its handshake: {answer}", Outcome.TCP_RESET)
+    if p.scheme == "http":
+        outcome, detail = _HTTP_STATUSES.get(code, Outcome.TCP_REFUSED), f"the proxy answered {answer!r}"
+    else:
+        outcome = _SOCKS_REPLIES.get(code, Outcome.TCP_REFUSED)
+        detail = f"the proxy answered {answer!r} (SOCKS5 reply {code})"
+    return ProxyFailure(f"proxy {p.redacted()} did not connect to the target: {detail}", outcome, detail)
 
 
 async def start_tls(

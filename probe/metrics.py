@@ -77,6 +77,7 @@ def families(store: ResultStore, config: Config, target: str | None = None) -> l
     out = _pair_families(store, config, targets)
     out += _dns_families(store, config.vantage, targets)
     if target is None:
+        out += _group_families(store, config)
         out += _prober_families(store, config.vantage)
     return out
 
@@ -107,13 +108,16 @@ def _pair_families(store: ResultStore, config: Config, targets: list[Target]) ->
     phases = HistogramMetricFamily(
         "probe_phase_seconds", "Duration of each completed probe phase.", labels=[*PAIR_LABELS, "phase"]
     )
-    rank = _gauge("probe_route_rank", "Rank of the route for the target; 1 is the best.")
-    score = _gauge("probe_route_score", "Score of the route for the target; lower is better.")
+    rank = _gauge("probe_route_rank", "Rank of the route for the target; 1 is the one to use.")
+    score = _gauge(
+        "probe_route_score",
+        "Route score from the recent runs: p90 latency x (1 + failure share) + tier offset; lower is better.",
+    )
     last_run = _gauge("probe_last_run_timestamp_seconds", "When the last probe finished, unix seconds.")
 
     ranking = store.ranking(config)
     for target in targets:
-        ranked = {route: (i + 1, s) for i, (route, s) in enumerate(ranking.get(target.name, []))}
+        ranked = {r.route: (r.rank, r.score) for r in ranking.get(target.name, [])}
         for route in target.routes:
             labels = [config.vantage, target.name, route]
             result = store.latest(target.name, route)
@@ -181,6 +185,18 @@ def _dns_families(store: ResultStore, vantage: str, targets: list[Target]) -> li
     return [lookup, consistent, replies, outcome]
 
 
+def _group_families(store: ResultStore, config: Config) -> list[Metric]:
+    rank = _gauge(
+        "probe_group_rank",
+        "Rank of the (target, route) within the target's endpoint group; 1 is the one to use.",
+        ("group",),
+    )
+    for group, ranked in store.group_ranking(config).items():
+        for r in ranked:
+            rank.add_metric([config.vantage, r.target, r.route, group], r.rank)
+    return [rank]
+
+
 def _prober_families(store: ResultStore, vantage: str) -> list[Metric]:
     lag = HistogramMetricFamily(
         "prober_scheduler_lag_seconds",
@@ -205,7 +221,6 @@ def _add_histogram(family: HistogramMetricFamily, labels: list[str], hist: Histo
     hist = hist or Histogram()
     buckets = [(_le(bound), float(n)) for bound, n in hist.cumulative()]
     family.add_metric(labels, buckets, hist.sum)
-
 
 
 def _le(bound: float) -> str:

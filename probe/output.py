@@ -6,8 +6,10 @@ from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 from probe.models import Outcome, ProbeResult
+from probe.ranking import Ranked, Tier
 
 _GREEN, _RED, _YELLOW, _DIM, _RESET = "\033[32m", "\033[31m", "\033[33m", "\033[2m", "\033[0m"
+_TIER_COLORS = {Tier.WORKING: _GREEN, Tier.FAILING: _YELLOW, Tier.BLOCKED: _RED}
 
 
 def outcome_color(outcome: Outcome) -> str:
@@ -65,26 +67,49 @@ def results_table(results: Sequence[ProbeResult], *, color: bool) -> str:
 
 
 def ranking_table(
-    ranking: Mapping[str, Sequence[tuple[str, float]]], results: Sequence[ProbeResult], *, color: bool
+    routes: Mapping[str, Sequence[Ranked]], groups: Mapping[str, Sequence[Ranked]], *, color: bool
 ) -> str:
-    """Return the route ranking per target: best first, with the last outcome and time."""
-    last = {(r.target, r.route): r for r in results}
-    header = ("TARGET", "RANK", "ROUTE", "SCORE", "OUTCOME", "TIME")
+    """Return the route ranking per target, then per endpoint group: best first, the one to use marked."""
+    header = ("TARGET", "RANK", "ROUTE", "TIER", "SCORE", "P90", "FAILED", "LAST")
     rows: list[tuple[str, ...]] = []
     colors: list[str | None] = [None]
-    for target, routes in ranking.items():
-        for i, (route, score) in enumerate(routes):
-            r = last.get((target, route))
+    for target, ranked in routes.items():
+        for r in ranked:
+            s = r.stats
+            last = "-" if s.last_duration_seconds is None else f"{s.last_outcome} {_ms(s.last_duration_seconds)}"
             rows.append((
-                target if i == 0 else "",
-                str(i + 1),
-                route + (" <- use" if i == 0 and r is not None and r.success else ""),
-                f"{score:.3f}",
-                str(r.outcome) if r else "-",
-                f"{r.duration_seconds * 1000:.0f} ms" if r else "-",
+                target if r.rank == 1 else "",
+                str(r.rank),
+                r.route,
+                str(r.tier),
+                f"{r.score:.3f}",
+                "-" if s.latency_seconds is None else _ms(s.latency_seconds),
+                f"{s.failures}/{s.runs}",
+                last + ("  <- use" if r.recommended else ""),
             ))
-            colors.append(outcome_color(r.outcome) if r else None)
-    return "\n".join(_align([header, *rows], colors if color else None)) + "\n"
+            colors.append(_TIER_COLORS.get(r.tier))
+    lines = _align([header, *rows], colors if color else None)
+    if groups:
+        group_header = ("GROUP", "RANK", "TARGET", "ROUTE", "TIER", "SCORE")
+        group_rows: list[tuple[str, ...]] = []
+        group_colors: list[str | None] = [None]
+        for group, ranked in groups.items():
+            for r in ranked:
+                group_rows.append((
+                    group if r.rank == 1 else "",
+                    str(r.rank),
+                    r.target,
+                    r.route,
+                    str(r.tier),
+                    f"{r.score:.3f}" + ("  <- use" if r.recommended else ""),
+                ))
+                group_colors.append(_TIER_COLORS.get(r.tier))
+        lines += ["", *_align([group_header, *group_rows], group_colors if color else None, colored=3)]
+    return "\n".join(lines) + "\n"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
 
 
 def _detail(r: ProbeResult) -> str:
@@ -101,7 +126,7 @@ def _detail(r: ProbeResult) -> str:
     return " ".join(extra + ([f"({', '.join(parts)} ms)"] if parts else []))
 
 
-def _align(rows: list[tuple[str, ...]], colors: list[str | None] | None) -> list[str]:
+def _align(rows: list[tuple[str, ...]], colors: list[str | None] | None, colored: int = 2) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     out = []
     for n, row in enumerate(rows):
@@ -111,7 +136,7 @@ def _align(rows: list[tuple[str, ...]], colors: list[str | None] | None) -> list
             if n == 0:
                 line = f"{_DIM}{line}{_RESET}"
             elif colors[n]:
-                cells[2] = f"{colors[n]}{cells[2]}{_RESET}"
+                cells[colored] = f"{colors[n]}{cells[colored]}{_RESET}"
                 line = "  ".join(cells).rstrip()
         out.append(line)
     return out

@@ -8,6 +8,7 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from probe import ranking
 from probe.config import Config
 from probe.metrics import render, render_target
 from probe.models import ProbeResult
@@ -16,7 +17,7 @@ from probe.store import ResultStore
 ENDPOINTS = (
     ("/metrics", "GET", "Prometheus metrics of every target, route and resolver"),
     ("/api/results", "GET", "latest results as JSON"),
-    ("/api/routes", "GET", "route ranking per target as JSON, best first"),
+    ("/api/routes", "GET", "route ranking per target and per endpoint group as JSON, best first"),
     ("/probe?target=NAME", "GET", "probe one configured target now; its metrics only"),
     ("/-/healthy", "GET", "liveness"),
     ("/-/reload", "POST", "reload the config file"),
@@ -55,11 +56,18 @@ def create_app(backend: Backend) -> web.Application:
     return app
 
 
-def routes_json(store: ResultStore, config: Config) -> dict[str, list[dict[str, object]]]:
-    """Return the ranking as JSON: per target, routes best first with rank and score."""
+def routes_json(store: ResultStore, config: Config) -> dict[str, object]:
+    """Return the /api/routes document: vantage, then per target and per group, best first."""
+    return {"vantage": config.vantage, **ranking.to_json(store.ranking(config), store.group_ranking(config))}
+
+
+def results_json(store: ResultStore, config: Config) -> dict[str, object]:
+    """Return the /api/results document: vantage, latest results, route order and group order."""
     return {
-        target: [{"route": route, "rank": i + 1, "score": round(score, 6)} for i, (route, score) in enumerate(ranked)]
-        for target, ranked in store.ranking(config).items()
+        "vantage": config.vantage,
+        "results": [r.to_json() for r in store.results()],
+        "routes": ranking.order(store.ranking(config)),
+        "groups": ranking.group_order(store.group_ranking(config)),
     }
 
 
@@ -87,17 +95,10 @@ class _Handlers:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def results(self, request: web.Request) -> web.Response:
-        store, config = self.backend.store, self.backend.config
-        order = {t: [route for route, _ in ranked] for t, ranked in store.ranking(config).items()}
-        return web.json_response({
-            "vantage": config.vantage,
-            "results": [r.to_json() for r in store.results()],
-            "routes": order,
-        })
+        return web.json_response(results_json(self.backend.store, self.backend.config))
 
     async def routes(self, request: web.Request) -> web.Response:
-        store, config = self.backend.store, self.backend.config
-        return web.json_response({"vantage": config.vantage, "routes": routes_json(store, config)})
+        return web.json_response(routes_json(self.backend.store, self.backend.config))
 
     async def probe(self, request: web.Request) -> web.Response:
         name = request.query.get("target")

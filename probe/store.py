@@ -1,7 +1,8 @@
-"""The latest results per (target, route), run counters, histograms and reload state.
+"""Recent results per (target, route), run counters, histograms, rankings and reload state.
 
 Plain data only: the metrics collector rebuilds every series from here on each scrape,
-so nothing outlives the config it came from (retain() drops the rest).
+so nothing outlives the config it came from (retain() drops the rest). The rankings'
+hysteresis state (who holds rank 1) moves only when a result is recorded, never on a read.
 """
 
 from __future__ import annotations
@@ -9,20 +10,17 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
-from probe.config import Config
+from probe import ranking
+from probe.config import Config, Target
 from probe.models import DnsResult, Outcome, Phase, ProbeResult
+from probe.ranking import Candidate, Ranked
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
-
-# Route score tiers (lower is better): a working route always beats an unprobed one,
-# which beats a failing one; an interference class ranks last. Within a tier, the last
-# duration orders the routes; it is capped so it can never reach the next tier.
-_TIER_WIDTH = 1000.0
-_TIER_OK, _TIER_UNPROBED, _TIER_FAILED, _TIER_BLOCKED = 0, 1, 2, 3
 
 Pair = tuple[str, str]
 
@@ -65,7 +63,9 @@ class ResultStore:
         self._pairs = _pairs(config)
         self._targets = frozenset(t.name for t in config.targets)
         self._clock = clock
-        self._results: dict[Pair, ProbeResult] = {}
+        self._history: dict[Pair, deque[ProbeResult]] = {}  # the last ranking.WINDOW runs, oldest first
+        self._route_leaders: dict[str, str] = {}  # target -> the route holding rank 1
+        self._group_leaders: dict[str, Pair] = {}  # group -> the (target, route) holding rank 1
         self._dns: dict[str, tuple[DnsResult, ...]] = {}
         self._runs: dict[Pair, dict[Outcome, int]] = {}
         self._phases: dict[Pair, dict[Phase, Histogram]] = {}
@@ -77,16 +77,17 @@ class ResultStore:
     # --- recording ------------------------------------------------------------------
 
     def record(self, result: ProbeResult) -> bool:
-        """Keep `result` as the latest of its pair; return False if the pair is no longer configured."""
+        """Keep `result` as the latest of its pair and re-rank; return False if the pair is no longer configured."""
         pair = (result.target, result.route)
         if pair not in self._pairs:
             return False
-        self._results[pair] = result
+        self._history.setdefault(pair, deque(maxlen=ranking.WINDOW)).append(result)
         runs = self._runs.setdefault(pair, {})
         runs[result.outcome] = runs.get(result.outcome, 0) + 1
         hists = self._phases.setdefault(pair, {})
         for phase, seconds in result.phases.items():
             hists.setdefault(phase, Histogram()).observe(seconds)
+        self._update_leaders(self.config.target(result.target))
         return True
 
     def record_dns(self, target_name: str, results: Sequence[DnsResult]) -> bool:
@@ -107,9 +108,15 @@ class ResultStore:
         self.config = config
         self._pairs = _pairs(config)
         self._targets = frozenset(t.name for t in config.targets)
-        for table in (self._results, self._runs, self._phases):
+        for table in (self._history, self._runs, self._phases):
             for pair in [p for p in table if p not in self._pairs]:
                 del table[pair]
+        self._route_leaders = {t: r for t, r in self._route_leaders.items() if (t, r) in self._pairs}
+        groups = {t.group for t in config.targets if t.group is not None}
+        self._group_leaders = {
+            g: pair for g, pair in self._group_leaders.items()
+            if g in groups and pair in self._pairs and config.target(pair[0]).group == g
+        }
         resolvers = {t.name: set(t.resolvers) for t in config.targets if t.needs_dns}
         for name in list(self._dns):
             if name not in resolvers:
@@ -133,7 +140,12 @@ class ResultStore:
 
     def latest(self, target: str, route: str) -> ProbeResult | None:
         """Return the latest result of one pair, as recorded (without the DNS check)."""
-        return self._results.get((target, route))
+        history = self._history.get((target, route))
+        return history[-1] if history else None
+
+    def history(self, target: str, route: str) -> tuple[ProbeResult, ...]:
+        """Return the recent results of one pair that the ranking uses, oldest first."""
+        return tuple(self._history.get((target, route), ()))
 
     def dns(self, target: str) -> tuple[DnsResult, ...]:
         """Return the latest DNS check of a target; () when none ran yet."""
@@ -153,30 +165,61 @@ class ResultStore:
         for target in self.config.targets:
             dns = self._dns.get(target.name)
             for route in target.routes:
-                result = self._results.get((target.name, route))
+                result = self.latest(target.name, route)
                 if result is None:
                     continue
                 out.append(result if dns is None else dataclasses.replace(result, dns=dns))
         return out
 
-    def ranking(self, config: Config | None = None) -> dict[str, list[tuple[str, float]]]:
-        """Return, per target, its routes best first with a score (lower is better)."""
+    def ranking(self, config: Config | None = None) -> dict[str, list[Ranked]]:
+        """Return, per target in config order, its routes best first (rank 1 = the one to use)."""
         config = config or self.config
-        ranked: dict[str, list[tuple[str, float]]] = {}
-        for target in config.targets:
-            scored = [(route, self._score(self._results.get((target.name, route)))) for route in target.routes]
-            ranked[target.name] = sorted(scored, key=lambda item: item[1])  # stable: config order on ties
-        return ranked
+        return {
+            t.name: ranking.rank(self._candidates([t]), self._route_leader(t.name)) for t in config.targets
+        }
 
-    @staticmethod
-    def _score(result: ProbeResult | None) -> float:
-        if result is None:
-            return _TIER_UNPROBED * _TIER_WIDTH
-        if result.success:
-            tier = _TIER_OK
+    def group_ranking(self, config: Config | None = None) -> dict[str, list[Ranked]]:
+        """Return, per endpoint group, every (target, route) of its targets best first."""
+        config = config or self.config
+        return {
+            group: ranking.rank(self._candidates(members), self._group_leaders.get(group))
+            for group, members in _groups(config).items()
+        }
+
+    def _route_leader(self, target: str) -> Pair | None:
+        route = self._route_leaders.get(target)
+        return None if route is None else (target, route)
+
+    def _candidates(self, targets: Sequence[Target]) -> list[Candidate]:
+        return [
+            Candidate(t.name, route, tuple(self._history.get((t.name, route), ())), t.timeout)
+            for t in targets
+            for route in t.routes
+        ]
+
+    def _update_leaders(self, target: Target) -> None:
+        leader = ranking.leader_of(ranking.rank(self._candidates([target]), self._route_leader(target.name)))
+        if leader is None:
+            self._route_leaders.pop(target.name, None)
         else:
-            tier = _TIER_BLOCKED if result.blocked else _TIER_FAILED
-        return tier * _TIER_WIDTH + min(max(result.duration_seconds, 0.0), _TIER_WIDTH - 1.0)
+            self._route_leaders[target.name] = leader[1]
+        if target.group is not None:
+            members = _groups(self.config)[target.group]
+            group_leader = ranking.leader_of(
+                ranking.rank(self._candidates(members), self._group_leaders.get(target.group))
+            )
+            if group_leader is None:
+                self._group_leaders.pop(target.group, None)
+            else:
+                self._group_leaders[target.group] = group_leader
+
+
+def _groups(config: Config) -> dict[str, list[Target]]:
+    out: dict[str, list[Target]] = {}
+    for t in config.targets:
+        if t.group is not None:
+            out.setdefault(t.group, []).append(t)
+    return out
 
 
 def _pairs(config: Config) -> frozenset[Pair]:

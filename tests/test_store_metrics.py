@@ -200,7 +200,7 @@ targets: [{name: t, address: "127.0.0.1:1", routes: [a, b, c]}]
     store = ResultStore(cfg)
     for route, (outcome, duration) in outcomes.items():
         store.record(result("t", route, outcome, duration))
-    assert [route for route, _ in store.ranking(cfg)["t"]] == expected
+    assert [r.route for r in store.ranking(cfg)["t"]] == expected
 
 
 def test_retain_drops_every_series_of_removed_targets_routes_and_resolvers() -> None:

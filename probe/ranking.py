@@ -1,0 +1,221 @@
+"""Route ranking: a score per (target, route) from its recent runs, tiers, and hysteresis.
+
+The rule, as an operator checks it by hand (README, docs/routes.md):
+
+  score = latency x (1 + failure share) + tier offset, lower is better, where latency is
+  the 90th-percentile duration of the successful runs among the last WINDOW (the target's
+  timeout when none succeeded) and the offset is 0 for a working route, 1000 for one never
+  probed, 2000 for a failing one and 3000 for a blocked one. Rank 1 moves only when the
+  route holding it stops working or a challenger scores at least SWITCH_RATIO lower and
+  SWITCH_SECONDS lower.
+
+A route is working when its last run succeeded and at most MAX_FAILURE_SHARE of its
+window failed; otherwise it is blocked if its latest failure was an interference class,
+else failing. Since a probe's duration includes its download, throughput counts too.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from probe.models import Outcome, ProbeResult
+
+WINDOW = 20  # runs per (target, route) that the score looks at
+MAX_FAILURE_SHARE = 0.25  # more failed runs than this in the window: not working
+SWITCH_RATIO = 0.2  # a challenger must score this much lower than the current best...
+SWITCH_SECONDS = 0.010  # ...and at least this much lower, to take rank 1 from a working route
+TIER_WIDTH = 1000.0  # tier offsets are multiples of this; latency is capped below it
+
+Key = tuple[str, str]  # (target, route)
+
+
+class Tier(StrEnum):
+    """How usable a route is; every route of a better tier outranks every route of a worse one."""
+
+    WORKING = "working"
+    UNPROBED = "unprobed"
+    FAILING = "failing"
+    BLOCKED = "blocked"
+
+    @property
+    def offset(self) -> float:
+        """Return what the tier adds to the score."""
+        return _OFFSETS[self]
+
+
+_OFFSETS = {Tier.WORKING: 0.0, Tier.UNPROBED: TIER_WIDTH, Tier.FAILING: 2 * TIER_WIDTH, Tier.BLOCKED: 3 * TIER_WIDTH}
+
+
+@dataclass(frozen=True, slots=True)
+class RouteStats:
+    """What the last WINDOW runs of one (target, route) say."""
+
+    runs: int = 0
+    failures: int = 0
+    blocked: int = 0  # failures that were interference classes
+    latency_seconds: float | None = None  # p90 duration of the successful runs
+    throughput_bytes_per_second: float | None = None  # median over the runs that measured it
+    last_outcome: Outcome | None = None
+    last_duration_seconds: float | None = None
+    last_failure: Outcome | None = None  # the outcome of the latest failed run in the window
+
+    @property
+    def failure_share(self) -> float:
+        """Return the share of failed runs in the window (0 before any run)."""
+        return self.failures / self.runs if self.runs else 0.0
+
+    @property
+    def tier(self) -> Tier:
+        """Return the tier: working, unprobed, failing or blocked."""
+        if self.runs == 0:
+            return Tier.UNPROBED
+        if self.last_outcome is Outcome.OK and self.failure_share <= MAX_FAILURE_SHARE:
+            return Tier.WORKING
+        return Tier.BLOCKED if self.last_failure is not None and self.last_failure.blocked else Tier.FAILING
+
+
+def summarize(history: Sequence[ProbeResult]) -> RouteStats:
+    """Return the statistics of the last WINDOW runs of `history` (oldest first)."""
+    runs = list(history)[-WINDOW:]
+    if not runs:
+        return RouteStats()
+    ok = sorted(r.duration_seconds for r in runs if r.success)
+    failed = [r for r in runs if not r.success]
+    rates = [r.throughput_bytes_per_second for r in runs if r.throughput_bytes_per_second is not None]
+    return RouteStats(
+        runs=len(runs),
+        failures=len(failed),
+        blocked=sum(r.blocked for r in failed),
+        latency_seconds=p90(ok) if ok else None,
+        throughput_bytes_per_second=statistics.median(rates) if rates else None,
+        last_outcome=runs[-1].outcome,
+        last_duration_seconds=runs[-1].duration_seconds,
+        last_failure=failed[-1].outcome if failed else None,
+    )
+
+
+def p90(ordered: Sequence[float]) -> float:
+    """Return the 90th percentile by nearest rank (of 20 values, the 18th smallest)."""
+    return ordered[(9 * len(ordered) + 9) // 10 - 1]
+
+
+def score(stats: RouteStats, timeout: float) -> float:
+    """Return latency x (1 + failure share) + the tier offset; lower is better."""
+    if stats.runs == 0:
+        return stats.tier.offset
+    latency = stats.latency_seconds if stats.latency_seconds is not None else timeout
+    return stats.tier.offset + min(latency * (1.0 + stats.failure_share), TIER_WIDTH - 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One (target, route) to rank: its recent runs and the target's timeout."""
+
+    target: str
+    route: str
+    history: Sequence[ProbeResult]
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """One (target, route) in a ranking."""
+
+    target: str
+    route: str
+    rank: int  # 1 = best
+    score: float
+    stats: RouteStats
+
+    @property
+    def key(self) -> Key:
+        """Return (target, route)."""
+        return (self.target, self.route)
+
+    @property
+    def tier(self) -> Tier:
+        """Return the route's tier."""
+        return self.stats.tier
+
+    @property
+    def recommended(self) -> bool:
+        """Return whether this is the one to use: rank 1 and working."""
+        return self.rank == 1 and self.tier is Tier.WORKING
+
+    def to_json(self, *, with_target: bool = True) -> dict[str, object]:
+        """Return the JSON form used by /api/routes and `probe routes --json`."""
+        s = self.stats
+        doc: dict[str, object] = {"target": self.target} if with_target else {}
+        doc |= {
+            "route": self.route,
+            "rank": self.rank,
+            "score": round(self.score, 6),
+            "tier": str(self.tier),
+            "recommended": self.recommended,
+            "runs": s.runs,
+            "failures": s.failures,
+            "blocked": s.blocked,
+            "latency_p90_seconds": _round(s.latency_seconds),
+            "throughput_bytes_per_second": _round(s.throughput_bytes_per_second),
+            "last_outcome": str(s.last_outcome) if s.last_outcome is not None else None,
+        }
+        return doc
+
+
+def rank(candidates: Sequence[Candidate], leader: Key | None = None) -> list[Ranked]:
+    """Return `candidates` best first; `leader` keeps rank 1 unless it stops working or is clearly beaten.
+
+    Ties keep the order of `candidates` (config order).
+    """
+    scored = [(c, summarize(c.history)) for c in candidates]
+    order = sorted(
+        ((score(stats, c.timeout), i, c, stats) for i, (c, stats) in enumerate(scored)),
+        key=lambda item: (item[0], item[1]),
+    )
+    if leader is not None and order:
+        held = next((item for item in order if (item[2].target, item[2].route) == leader), None)
+        if held is not None and held[3].tier is Tier.WORKING and not _beats(order[0][0], held[0]):
+            order.remove(held)
+            order.insert(0, held)
+    return [
+        Ranked(c.target, c.route, n, s, stats) for n, (s, _, c, stats) in enumerate(order, start=1)
+    ]
+
+
+def _beats(challenger: float, leader: float) -> bool:
+    return challenger <= leader * (1.0 - SWITCH_RATIO) and leader - challenger >= SWITCH_SECONDS
+
+
+def leader_of(ranked: Sequence[Ranked]) -> Key | None:
+    """Return the key that holds rank 1 for hysteresis, or None when nothing works."""
+    return ranked[0].key if ranked and ranked[0].tier is Tier.WORKING else None
+
+
+def to_json(
+    routes: Mapping[str, Sequence[Ranked]], groups: Mapping[str, Sequence[Ranked]]
+) -> dict[str, object]:
+    """Return {"routes": {target: [...]}, "groups": {group: [...]}}, each list best first."""
+    return {
+        "routes": {t: [r.to_json(with_target=False) for r in ranked] for t, ranked in routes.items()},
+        "groups": {g: [r.to_json() for r in ranked] for g, ranked in groups.items()},
+    }
+
+
+def order(routes: Mapping[str, Sequence[Ranked]]) -> dict[str, list[str]]:
+    """Return the DESIGN.md `routes` key of the results JSON: per target, route names best first."""
+    return {t: [r.route for r in ranked] for t, ranked in routes.items()}
+
+
+def group_order(groups: Mapping[str, Sequence[Ranked]]) -> dict[str, list[dict[str, object]]]:
+    """Return the `groups` key of the results JSON: per group, (target, route, score) best first."""
+    return {
+        g: [{"target": r.target, "route": r.route, "rank": r.rank, "score": round(r.score, 6)} for r in ranked]
+        for g, ranked in groups.items()
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
