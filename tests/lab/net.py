@@ -32,7 +32,7 @@ VANTAGE_IP, BORDER_INSIDE, BORDER_OUTSIDE = "192.0.2.10", "192.0.2.1", ("198.51.
 ROOT = Path(__file__).resolve().parents[2]
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec NS` bind-mounts /etc/netns/NS/* over /etc/*
 START_TIMEOUT = 10.0
-PROGRAMS = ("ip", "iptables", "tc", "ethtool", "microsocks", "tinyproxy")
+PROGRAMS = ("ip", "iptables", "tc", "ethtool", "chrt", "microsocks", "tinyproxy")
 
 
 class LabError(RuntimeError):
@@ -278,12 +278,18 @@ class Lab:
 
     # ---- the probe -------------------------------------------------------------------
 
-    def probe(self, config: dict[str, Any], *args: str, command: str = "once") -> dict[str, Any]:
-        """Run `probe COMMAND --json -c CONFIG ARGS` inside the vantage; return its JSON output."""
+    def probe(
+        self, config: dict[str, Any], *args: str, command: str = "once", realtime: bool = False
+    ) -> dict[str, Any]:
+        """Run `probe COMMAND --json -c CONFIG ARGS` inside the vantage; return its JSON output.
+
+        `realtime` runs it at real-time priority, so that timing tests measure the probe's own
+        clock work rather than how busy the machine is.
+        """
         path = self.directory / "targets.json"  # YAML is a superset of JSON
         path.write_text(json.dumps(config, indent=1))
-        argv = ["ip", "netns", "exec", VANTAGE, sys.executable, "-m", "probe", command, "--json", "-c", str(path),
-                *args]
+        argv = ["ip", "netns", "exec", VANTAGE, *(["chrt", "-f", "10"] if realtime else []), sys.executable,
+                "-m", "probe", command, "--json", "-c", str(path), *args]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
         if done.returncode not in (0, 1):
             raise LabError(f"probe {command} exited {done.returncode}: {done.stderr.strip()}")

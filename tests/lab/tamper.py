@@ -32,7 +32,7 @@ def delay(args: argparse.Namespace) -> None:
     def on_packet(pkt: Packet) -> None:
         loop.later(seconds, pkt.accept)
 
-    loop = QueueLoop(args.queue, on_packet, args.max_seconds)
+    loop = QueueLoop(args.queue, on_packet, args.max_seconds, realtime=True)
     loop.run()
 
 
