@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ssl
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from probe.demoborder import client_hello_sni
 from tests.proxies import free_port
 
 WAIT_SECONDS = 25.0
@@ -116,3 +119,22 @@ def test_demo_shows_dns_injection_and_mismatch(demo: tuple[int, subprocess.Popen
     port, proc = demo
     seen = wait_for(port, proc, EXPECTED_DNS_INTEGRITY, seconds=8.0)  # the first test waited for a round
     assert {k: seen.get(k) for k in EXPECTED_DNS_INTEGRITY} == EXPECTED_DNS_INTEGRITY
+
+
+def client_hello(server_name: str) -> bytes:
+    """Return the first TLS record Python's ssl sends for `server_name`."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_sni_is_read_from_a_real_client_hello() -> None:
+    assert client_hello_sni(client_hello("sni-reset.demo")) == "sni-reset.demo"
+
+
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00\x05\x01\x00", b""], ids=str)
+def test_anything_but_a_client_hello_has_no_sni(data: bytes) -> None:
+    assert client_hello_sni(data) is None

@@ -146,10 +146,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
             # From the vantage, through the border: the whole path works before any scenario.
             built.wait_listening(VANTAGE, [(SOCKS, 1080), (HTTP_PROXY, 3128), (STORAGE, 443), (DOH, 443)])
             yield LabEnv(built, str(directory / "ca.pem"))
-    except net.LabError as e:
-        if "Operation not supported" in str(e) or "No such file or directory" in str(e):
-            _unavailable(f"a kernel feature the lab needs is missing: {e}")
-        raise
+    except net.LabUnavailable as e:
+        _unavailable(str(e))
 
 
 @pytest.fixture

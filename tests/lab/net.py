@@ -39,6 +39,26 @@ class LabError(RuntimeError):
     """A lab command failed; the message names the command and what it printed."""
 
 
+class LabUnavailable(LabError):
+    """The kernel lacks something the lab needs; the message says exactly what."""
+
+
+# Every kernel feature the scenarios use, and an iptables/tc command that needs it.
+KERNEL_FEATURES = {
+    "NFQUEUE target (xt_NFQUEUE)": ["iptables", "-A", "PLPROBE", "-j", "NFQUEUE", "--queue-num", "9"],
+    "string match (xt_string)": ["iptables", "-A", "PLPROBE", "-p", "tcp", "-m", "string", "--algo", "bm",
+                                 "--string", "x", "-j", "DROP"],
+    "statistic match (xt_statistic)": ["iptables", "-A", "PLPROBE", "-m", "statistic", "--mode", "random",
+                                       "--probability", "0.5", "-j", "DROP"],
+    "REJECT with tcp-reset (ipt_REJECT)": ["iptables", "-A", "PLPROBE", "-p", "tcp", "-j", "REJECT",
+                                           "--reject-with", "tcp-reset"],
+    "DNAT (nf_nat)": ["iptables", "-t", "nat", "-A", "PLPROBE", "-p", "tcp", "-j", "DNAT", "--to-destination",
+                      "203.0.113.1:1"],
+    "CLASSIFY target (xt_CLASSIFY)": ["iptables", "-t", "mangle", "-A", "PLPROBE", "-j", "CLASSIFY",
+                                      "--set-class", "1:3"],
+}
+
+
 def sh(*argv: str, ns: str | None = None, check: bool = True, timeout: float = 20.0) -> str:
     """Run a command (inside namespace `ns`); return its stdout; raise LabError when it fails."""
     full = ["ip", "netns", "exec", ns, *argv] if ns else list(argv)
@@ -200,9 +220,15 @@ class Lab:
         """Create the namespaces, links, addresses and routes, and the border's empty chains."""
         cleanup_leftovers()
         for ns in (VANTAGE, BORDER, ABROAD):
-            sh("ip", "netns", "add", ns)
+            try:
+                sh("ip", "netns", "add", ns)
+            except LabError as e:
+                raise LabUnavailable(f"cannot create network namespaces: {e}") from None
             sh("ip", "link", "set", "lo", "up", ns=ns)
-        sh("ip", "link", "add", "plv0", "netns", VANTAGE, "type", "veth", "peer", "name", "plbv", "netns", BORDER)
+        try:
+            sh("ip", "link", "add", "plv0", "netns", VANTAGE, "type", "veth", "peer", "name", "plbv", "netns", BORDER)
+        except LabError as e:
+            raise LabUnavailable(f"cannot create veth pairs: {e}") from None
         sh("ip", "link", "add", "plba", "netns", BORDER, "type", "veth", "peer", "name", "pla0", "netns", ABROAD)
         sh("ip", "addr", "add", f"{VANTAGE_IP}/24", "dev", "plv0", ns=VANTAGE)
         sh("ip", "addr", "add", f"{BORDER_INSIDE}/24", "dev", "plbv", ns=BORDER)
@@ -217,6 +243,7 @@ class Lab:
         sh("ip", "route", "add", "default", "via", BORDER_INSIDE, ns=VANTAGE)
         sh("ip", "route", "add", "default", "via", BORDER_OUTSIDE[0], ns=ABROAD)
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=BORDER)
+        self._check_kernel()
         sh("iptables", "-w", "-N", "PLLAB", ns=BORDER)
         sh("iptables", "-w", "-A", "FORWARD", "-j", "PLLAB", ns=BORDER)
         sh("iptables", "-w", "-t", "nat", "-N", "PLNAT", ns=BORDER)
@@ -237,6 +264,28 @@ class Lab:
             (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
             for fname, text in files.items():
                 (NETNS_ETC / ns / fname).write_text(text)
+
+    def _check_kernel(self) -> None:
+        """Raise LabUnavailable naming every kernel feature the scenarios need and this kernel lacks."""
+        for table in ("filter", "nat", "mangle"):
+            sh("iptables", "-w", "-t", table, "-N", "PLPROBE", ns=BORDER)
+        missing = []
+        for feature, argv in KERNEL_FEATURES.items():
+            try:
+                sh(*argv[:1], "-w", *argv[1:], ns=BORDER)
+            except LabError as e:
+                missing.append(f"{feature}: {e}")
+        for table in ("filter", "nat", "mangle"):
+            sh("iptables", "-w", "-t", table, "-F", "PLPROBE", ns=BORDER)
+            sh("iptables", "-w", "-t", table, "-X", "PLPROBE", ns=BORDER)
+        for qdisc in (["htb"], ["tbf", "rate", "1mbit", "burst", "4kb", "latency", "50ms"]):
+            try:
+                sh("tc", "qdisc", "add", "dev", "plbv", "root", *qdisc, ns=BORDER)
+                sh("tc", "qdisc", "del", "dev", "plbv", "root", ns=BORDER)
+            except LabError as e:
+                missing.append(f"tc qdisc {qdisc[0]}: {e}")
+        if missing:
+            raise LabUnavailable("the kernel lacks what the lab needs:\n  " + "\n  ".join(missing))
 
     def teardown(self) -> None:
         """Stop everything the lab started and delete its namespaces."""
