@@ -242,7 +242,8 @@ class Lab:
             sh("ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off", ns=ns, check=False)
         sh("ip", "route", "add", "default", "via", BORDER_INSIDE, ns=VANTAGE)
         sh("ip", "route", "add", "default", "via", BORDER_OUTSIDE[0], ns=ABROAD)
-        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=BORDER)
+        # /proc/sys/net is the namespace's own (sysctl itself may be missing: procps).
+        sh("sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward", ns=BORDER)
         self._check_kernel()
         sh("iptables", "-w", "-N", "PLLAB", ns=BORDER)
         sh("iptables", "-w", "-A", "FORWARD", "-j", "PLLAB", ns=BORDER)
