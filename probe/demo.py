@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -83,13 +84,13 @@ class Border:
         runner = web.AppRunner(storage_app(), handle_signals=False, access_log=None, shutdown_timeout=0.2)
         await runner.setup()
         self.runners.append(runner)
-        sites = [web.TCPSite(runner, HOST, 0, ssl_context=ctx)
-                 for ctx in (server_tls("server"), None, server_tls("interceptor"))]
-        for site in sites:
-            await site.start()
-        self.https_port, self.http_port, self.interceptor_port = (
-            s._server.sockets[0].getsockname()[1] for s in sites  # type: ignore[union-attr]
-        )
+        ports = []
+        for ctx in (server_tls("server"), None, server_tls("interceptor")):
+            sock = socket.socket()
+            sock.bind((HOST, 0))
+            ports.append(sock.getsockname()[1])
+            await web.SockSite(runner, sock, ssl_context=ctx).start()
+        self.https_port, self.http_port, self.interceptor_port = ports
         self.tls_box = Middlebox(Inspect.SNI, self.https_port, SNI_RULES, THROTTLE_BYTES_PER_SECOND)
         self.http_box = Middlebox(Inspect.HOST, self.http_port, HOST_RULES)
         for box in (self.tls_box, self.http_box):

@@ -373,6 +373,53 @@ def test_poisoned_answer_failing_tls_is_dns_mismatch(env: LabEnv) -> None:
     expect(env, env.once(https("t", "poisoned.example")), "t", "dns_mismatch", True)
 
 
+# Seen from the vantage with a bare socket: every reply to one query, in arrival order.
+ALL_REPLIES = """
+import json, socket, sys, time
+import dns.message
+query = dns.message.make_query(sys.argv[1], "A")
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.3)
+s.sendto(query.to_wire(), (sys.argv[2], 53))
+replies, end = [], time.monotonic() + 0.6
+while time.monotonic() < end:
+    try:
+        data, peer = s.recvfrom(4096)
+    except TimeoutError:
+        continue
+    r = dns.message.from_wire(data)
+    answers = [a.address for rr in r.answer for a in rr]
+    replies.append({"from": peer[0], "id_ok": r.id == query.id, "ip_answers": answers})
+print(json.dumps(replies))
+"""
+
+
+def replies_seen(name: str, server: str) -> list[dict[str, Any]]:
+    """Return every reply the vantage receives to one A query for `name` sent to `server`."""
+    out = net.sh(sys.executable, "-c", ALL_REPLIES, name, server, ns=VANTAGE)
+    replies: list[dict[str, Any]] = json.loads(out)
+    return replies
+
+
+def test_forged_replies_beat_the_real_one_on_the_wire(env: LabEnv) -> None:
+    from tests.lab.injector import FINGERPRINTS
+
+    injector("--fingerprint", "gfw-a", "--fingerprint", "gfw-b", "--name", "injected.example")(env.border)
+    replies = replies_seen("injected.example", RESOLVER)
+    assert all(r["from"] == RESOLVER and r["id_ok"] for r in replies), replies
+    answers = [r["ip_answers"] for r in replies]
+    assert len(answers) == 3, replies
+    assert answers[0][0] in FINGERPRINTS["gfw-a"].pool and answers[1][0] in FINGERPRINTS["gfw-b"].pool
+    assert answers[2] == [STORAGE]  # the genuine reply comes last
+
+
+def test_canary_without_dns_server_answers_through_the_injector(env: LabEnv) -> None:
+    assert replies_seen("storage.example", CANARY) == []  # nothing runs there
+    injector("--fingerprint", "gfw-b", to=CANARY)(env.border)
+    replies = replies_seen("storage.example", CANARY)
+    assert [(r["from"], len(r["ip_answers"])) for r in replies] == [(CANARY, 1)], replies
+
+
 def test_injector_leaves_other_names_alone(env: LabEnv) -> None:
     injector("--fingerprint", "gfw-a", "--name", "injected.example")(env.border)
     expect(env, env.once(https("t", "storage.example")), "t", "ok", False)
