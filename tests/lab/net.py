@@ -188,6 +188,12 @@ class Border:
         sh("iptables", "-w", "-t", "mangle", "-A", "PLCLASS", "-s", host, "-j", "CLASSIFY", "--set-class", "1:3",
            ns=BORDER)
 
+    def dropped(self) -> int:
+        """Return how many packets the DROP rules of PLLAB have dropped so far."""
+        listing = sh("iptables", "-w", "-L", "PLLAB", "-v", "-n", "-x", ns=BORDER)
+        rows = [line.split() for line in listing.splitlines()[2:]]  # pkts bytes target ...
+        return sum(int(row[0]) for row in rows if len(row) > 2 and row[2] == "DROP")
+
     def reset(self) -> None:
         """Switch every interference off: flush the chains, the tc filters, stop the programs."""
         sh("iptables", "-w", "-F", "PLLAB", ns=BORDER, check=False)
