@@ -436,3 +436,19 @@ def test_canary_without_dns_server_answers_through_the_injector(env: LabEnv) -> 
 def test_injector_leaves_other_names_alone(env: LabEnv) -> None:
     injector("--fingerprint", "gfw-a", "--name", "injected.example")(env.border)
     expect(env, env.once(https("t", "storage.example")), "t", "ok", False)
+
+
+# Outcomes the dedicated tests above assert, beside the CASES table.
+DEDICATED = {
+    test_residual_blocking_of_the_triple_after_a_trigger: {"tls_reset", "tcp_timeout", "ok"},
+    test_two_injectors_racing_the_resolver_is_dns_injection: {"dns_injection"},
+    test_poisoned_answer_failing_tls_is_dns_mismatch: {"dns_mismatch"},
+    test_block_page_is_reported_with_its_body: {"http_unexpected"},
+}
+
+
+def test_scenarios_cover_every_outcome_but_error() -> None:
+    from probe.models import Outcome
+
+    covered = {c.outcome for c in CASES.values()}.union(*DEDICATED.values())
+    assert covered == {str(o) for o in Outcome} - {"error"}
