@@ -218,5 +218,8 @@ def main(args: argparse.Namespace) -> int:
     """Run the demo until interrupted; return the exit status."""
     try:
         return asyncio.run(run(args.listen, args.interval, args.timeout, sys.stdout))
+    except config_module.ConfigError as e:  # a bad --interval or --timeout
+        print(f"probe demo: {'; '.join(e.problems)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0

@@ -138,3 +138,10 @@ def test_sni_is_read_from_a_real_client_hello() -> None:
 @pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00\x05\x01\x00", b""], ids=str)
 def test_anything_but_a_client_hello_has_no_sni(data: bytes) -> None:
     assert client_hello_sni(data) is None
+
+
+def test_bad_interval_is_a_usage_error() -> None:
+    done = subprocess.run([sys.executable, "-m", "probe", "demo", "--interval", "soon"],
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    assert "bad duration 'soon'" in done.stderr
