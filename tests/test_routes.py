@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,8 +29,17 @@ from probe.runner import run_probe
 from probe.server import routes_json
 from probe.store import ResultStore
 from tests.dnsserver import DnsServer, answer, nxdomain
-from tests.proxies import PeerServer, RunningProxy, localhost_addresses, microsocks, peer_server, tinyproxy
-from tests.servers import Pki, closed_port
+from tests.proxies import (
+    PeerServer,
+    RunningProxy,
+    bind_same_port,
+    free_port,
+    localhost_addresses,
+    microsocks,
+    peer_server,
+    tinyproxy,
+)
+from tests.servers import Pki, closed_port, reset_after_client_hello
 
 SOCKS_OUT, HTTP_OUT = "127.0.0.5", "127.0.0.6"  # where each proxy's outgoing connections come from
 USER = "probe"
@@ -49,6 +61,13 @@ def socks() -> Iterator[RunningProxy]:
 @pytest.fixture(scope="module")
 def http_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
     with tinyproxy(tmp_path_factory.mktemp("tinyproxy"), bind=HTTP_OUT) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def socks_plain() -> Iterator[RunningProxy]:
+    """microsocks without a bind address: `localhost` may resolve to ::1 at the proxy."""
+    with microsocks() as proxy:
         yield proxy
 
 
@@ -353,3 +372,107 @@ async def test_every_route_kind_is_labelled_in_results_metrics_and_the_routes_ap
     assert set(gauges(text, "probe_route_score")) == {("storage", n) for n in names}
     doc = routes_json(store, cfg)
     assert sorted(r["route"] for r in doc["routes"]["storage"]) == sorted(names)  # type: ignore[index]
+
+
+# ---- the loopback version of "blocked direct, working proxy" ------------------------------------------
+
+
+@asynccontextmanager
+async def blocked_direct_working_proxy(pki: Pki, socks: RunningProxy, tmp_path: Path) -> AsyncIterator[Path]:
+    """Yield a config where the local route meets a reset after the ClientHello and the proxy route works.
+
+    `localhost` resolves, through the local route's resolver `isp`, to 127.0.0.2, where a server
+    resets every connection after the ClientHello (the Great Firewall's SNI reset); the proxy
+    resolves it itself, to 127.0.0.1 (or ::1), where an honest HTTPS server answers on the same port.
+    A second endpoint of the group, mirror-sh, refuses every connection.
+    """
+    listening = bind_same_port([*localhost_addresses(), "127.0.0.2"])
+    async with DnsServer(answer({"localhost": ["127.0.0.2"]})) as isp, \
+            peer_server(tls=pki.server_context("localhost"), sockets=listening[:-1]) as honest, \
+            peer_server(reset_after_client_hello, sockets=listening[-1:]) as resetter:
+        doc = {
+            "vantage": "lab-cn",
+            "defaults": {"ca_file": str(pki.ca_file), "interval": "1s", "timeout": "1s"},
+            "resolvers": [{"name": "isp", "type": "udp", "address": f"127.0.0.1:{isp.port}"}],
+            "routes": [{"name": "local", "resolver": "isp"}, {"name": "hk-socks", "proxy": socks.url}],
+            "targets": [
+                {"name": "mirror-hk", "url": f"https://localhost:{honest.port}/ping", "group": "sesame-storage",
+                 "routes": ["local", "hk-socks"], "resolvers": ["isp"], "expect": {"body_contains": "pong"}},
+                {"name": "mirror-sh", "address": f"127.0.0.1:{closed_port()}", "group": "sesame-storage",
+                 "routes": ["local"]},
+            ],
+        }
+        path = tmp_path / "targets.yml"
+        path.write_text(yaml.safe_dump(doc))
+        yield path
+    assert resetter.peers and honest.peers  # each route reached its own server
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "probe", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_probe_routes_ranks_a_direct_route_reset_after_client_hello_below_a_working_proxy_route(
+    pki: Pki, socks_plain: RunningProxy, tmp_path: Path
+) -> None:
+    async with blocked_direct_working_proxy(pki, socks_plain, tmp_path) as path:
+        code, out, err = await run_cli("routes", "-c", str(path), "--json")
+        table_code, table, _ = await run_cli("routes", "-c", str(path))
+    assert (code, table_code) == (1, 1), err  # one probe failed
+    doc = json.loads(out)
+    [proxy, local] = doc["routes"]["mirror-hk"]
+    assert (proxy["route"], proxy["rank"], proxy["tier"], proxy["recommended"]) == ("hk-socks", 1, "working", True)
+    assert (local["route"], local["rank"], local["tier"], local["last_outcome"]) == ("local", 2, "blocked", "tls_reset")
+    best = doc["groups"]["sesame-storage"][0]
+    assert (best["target"], best["route"], best["recommended"]) == ("mirror-hk", "hk-socks", True)
+    lines = table.splitlines()
+    assert lines[1].split()[:4] == ["mirror-hk", "1", "hk-socks", "working"] and lines[1].endswith("<- use")
+    assert lines[2].split()[:3] == ["2", "local", "blocked"] and "tls_reset" in lines[2]
+    group = lines[next(i for i, line in enumerate(lines) if line.startswith("GROUP")) + 1].split()
+    assert group[:5] == ["sesame-storage", "1", "mirror-hk", "hk-socks", "working"] and group[-2:] == ["<-", "use"]
+
+
+async def test_probe_run_serves_the_ranking_at_api_routes_and_in_metrics(
+    pki: Pki, socks_plain: RunningProxy, tmp_path: Path
+) -> None:
+    port = free_port()
+    async with blocked_direct_working_proxy(pki, socks_plain, tmp_path) as path:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "probe", "run", "-c", str(path), "--listen", f"127.0.0.1:{port}",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with aiohttp.ClientSession() as http:
+                doc = await _poll_routes(http, f"http://127.0.0.1:{port}/api/routes", runs=2)
+                text = await (await http.get(f"http://127.0.0.1:{port}/metrics")).text()
+        finally:
+            proc.terminate()
+            _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err.decode()
+    ranked = [(r["route"], r["tier"]) for r in doc["routes"]["mirror-hk"]]
+    assert ranked == [("hk-socks", "working"), ("local", "blocked")]
+    assert doc["groups"]["sesame-storage"][0]["route"] == "hk-socks"
+    assert gauges(text, "probe_route_rank")[("mirror-hk", "hk-socks")] == 1.0
+    assert gauges(text, "probe_route_rank")[("mirror-hk", "local")] == 2.0
+    score = gauges(text, "probe_route_score")
+    assert score[("mirror-hk", "local")] >= 3000 > score[("mirror-hk", "hk-socks")]
+
+
+async def _poll_routes(http: aiohttp.ClientSession, url: str, runs: int) -> dict[str, Any]:
+    """Return /api/routes once every route of mirror-hk has `runs` runs (within 20 s)."""
+    doc: dict[str, Any] = {}
+    for _ in range(100):
+        await asyncio.sleep(0.2)
+        try:
+            async with http.get(url) as resp:
+                doc = await resp.json()
+        except aiohttp.ClientConnectionError:
+            continue  # not listening yet
+        if all(r["runs"] >= runs for r in doc["routes"]["mirror-hk"]):
+            return doc
+    raise AssertionError(f"mirror-hk did not reach {runs} runs per route: {doc}")
