@@ -293,6 +293,22 @@ async def test_a_proxy_route_with_a_resolver_resolves_here_and_hands_the_proxy_t
     assert server.peers == [SOCKS_OUT]
 
 
+async def test_a_proxy_route_with_a_source_address_reaches_the_proxy_from_it(
+    pki: Pki, http_proxy: RunningProxy, socks: RunningProxy, make_context: MakeContext
+) -> None:
+    routes = [
+        {"name": "cn2-hk", "source_address": "127.0.0.2", "proxy": http_proxy.url},
+        {"name": "gone-hk", "source_address": "192.0.2.77", "proxy": socks.url},  # not an address of this host
+    ]
+    async with peer_server(hosts=["127.0.0.1"]) as server:
+        cfg = make_config(pki, routes, {"address": f"127.0.0.1:{server.port}"})
+        uplink, gone = await probe_routes(cfg, make_context(cfg), server)
+    assert uplink.outcome is Outcome.OK and server.peers == [HTTP_OUT]
+    assert "Connect (file descriptor" in http_proxy.log() and "): 127.0.0.2" in http_proxy.log()
+    assert gone.outcome is Outcome.ERROR and not gone.blocked
+    assert f"cannot connect to proxy {socks.url} from 192.0.2.77" in gone.evidence[-1]
+
+
 CREDENTIALS = {  # user, password (None: the proxy's own), outcome, what the evidence says
     "right": (USER, None, Outcome.OK, None),
     "wrong": (USER, "not-it", Outcome.ERROR, "rejected the credentials"),
