@@ -93,7 +93,7 @@ histories = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(histories, min_size=2, max_size=4))
 def test_a_blocked_or_failing_route_never_ranks_above_a_working_one(routes: list[list[Run]]) -> None:
     candidates = [
