@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from probe import config
 from probe.context import ProbeContext
 from probe.metrics import render
-from probe.models import Outcome, ProbeResult
+from probe.models import Outcome, Phase, ProbeResult
 from probe.runner import run_probe
 from probe.server import routes_json
 from probe.store import ResultStore
@@ -254,6 +254,28 @@ async def test_proxy_routes_carry_every_stage_to_the_target(
     assert list(proxied.phases) == PHASES[kind]  # an IP literal: `resolve` is recorded, as on direct
     if kind != "tcp":  # the handshake was end to end: the target's certificate, verified
         assert proxied.tls is not None and proxied.tls.earliest_cert_expiry is not None
+
+
+@pytest.mark.parametrize("scheme", ["socks5", "http"])
+async def test_phases_through_a_proxy_mean_what_they_mean_direct(
+    scheme: str, pki: Pki, proxies: dict[str, str], make_context: MakeContext
+) -> None:
+    """The server thinks for 0.3 s before answering: that is `processing` on both routes, not `connect`."""
+
+    async def slow_pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\npong")
+        await writer.drain()
+
+    routes = [{"name": "direct"}, {"name": "hk", "proxy": proxies[scheme]}]
+    async with peer_server(slow_pong, tls=pki.server_context("localhost"), hosts=["127.0.0.1"]) as server:
+        cfg = make_config(pki, routes, target_of("http", "127.0.0.1", server.port))
+        results = await probe_routes(cfg, make_context(cfg), server)
+    for r in results:
+        assert r.outcome is Outcome.OK, r.evidence
+        assert r.phases[Phase.PROCESSING] >= 0.3 > r.phases[Phase.CONNECT] + r.phases[Phase.TLS], r.phases
+    assert server.peers == ["127.0.0.1", OUT_ADDRESS[scheme]]
 
 
 @pytest.mark.parametrize("scheme", ["socks5", "socks5h", "http"])
