@@ -258,3 +258,15 @@ def test_routes_json_and_table_show_what_the_score_is_made_of() -> None:
     assert table[0].split() == ["TARGET", "RANK", "ROUTE", "TIER", "SCORE", "P90", "FAILED", "LAST"]
     assert table[1].split() == ["t", "1", "b", "working", "1.050", "50", "ms", "0/1", "ok", "50", "ms", "<-", "use"]
     assert table[2].split()[:5] == ["2", "a", "blocked", "3000.300", "100"]
+
+
+def test_a_reload_without_the_recommended_route_ranks_afresh_and_keeps_the_others_history() -> None:
+    store = ResultStore(loads(CONFIG))
+    feed(store, [run("a", 50), run("b", 100)] * 5)
+    assert store.ranking()["t"][0].route == "a"
+    smaller = loads(CONFIG.replace("routes: [a, b], timeout", "routes: [b], timeout"))
+    store.reload_succeeded(smaller)
+    [only] = store.ranking()["t"]
+    assert (only.route, only.rank, only.recommended, only.stats.runs) == ("b", 1, True, 5)
+    store.reload_succeeded(loads(CONFIG))  # a comes back without history: unprobed, below the working b
+    assert [(r.route, r.tier) for r in store.ranking()["t"]] == [("b", Tier.WORKING), ("a", Tier.UNPROBED)]
