@@ -39,7 +39,7 @@ from tests.proxies import (
     peer_server,
     tinyproxy,
 )
-from tests.servers import Pki, closed_port, reset_after_client_hello
+from tests.servers import Pki, closed_port, raw_server, reset_after_client_hello, silent
 
 SOCKS_OUT, HTTP_OUT = "127.0.0.5", "127.0.0.6"  # where each proxy's outgoing connections come from
 USER = "probe"
@@ -370,6 +370,18 @@ async def test_a_proxy_that_is_down_is_tcp_refused_and_says_the_proxy_is_unreach
     assert f"proxy {scheme}://***@127.0.0.1:{port}" in result.evidence[-1]
     assert "the proxy itself is unreachable" in result.evidence[-1]
     assert "s3cret" not in json.dumps(result.to_json())
+
+
+@pytest.mark.parametrize("scheme", ["socks5", "http"])
+async def test_a_proxy_that_never_answers_its_handshake_is_bounded_by_the_probe_deadline(
+    scheme: str, pki: Pki, make_context: MakeContext
+) -> None:
+    async with raw_server(silent) as port:
+        routes = [{"name": "hk", "proxy": f"{scheme}://127.0.0.1:{port}"}]
+        cfg = make_config(pki, routes, {"address": "127.0.0.1:443", "timeout": "500ms"})
+        [result] = await probe_routes(cfg, make_context(cfg))
+    assert result.outcome is Outcome.TCP_TIMEOUT and 0.5 <= result.duration_seconds < 2.0
+    assert f"via {scheme}://127.0.0.1:{port}" in result.evidence[-1]
 
 
 @pytest.mark.parametrize("scheme", ["socks5", "http"])
