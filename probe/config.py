@@ -605,8 +605,6 @@ class _Validator:
                     proxy = parse_proxy(text)
                 except ValueError as e:
                     self.fail(f"{path}.proxy", str(e))
-        if source is not None and proxy is not None:
-            self.fail(path, "source_address and proxy cannot be combined")
         resolver = None
         if "resolver" in m:
             resolver = self.typed(m["resolver"], f"{path}.resolver", str, "a resolver name")

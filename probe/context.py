@@ -50,19 +50,25 @@ class ProbeContext:
     resolv_conf: str = "/etc/resolv.conf"
     hosts_file: str = "/etc/hosts"
     system_dns_port: int = 53  # resolv.conf cannot carry a port
-    _http: aiohttp.ClientSession | None = None
+    _http: dict[str | None, aiohttp.ClientSession] = field(default_factory=dict)
 
-    def http_session(self) -> aiohttp.ClientSession:
-        """Return the shared aiohttp session (DoH), created on first use inside the loop."""
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
+    def http_session(self, source_address: str | None = None) -> aiohttp.ClientSession:
+        """Return the shared aiohttp session (DoH) whose connections leave from `source_address`.
+
+        One session per source address (None: the kernel chooses), created on first use inside the loop.
+        """
+        session = self._http.get(source_address)
+        if session is None or session.closed:
+            local = (source_address, 0) if source_address is not None else None
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300, local_addr=local),
                 timeout=aiohttp.ClientTimeout(total=None),
             )
-        return self._http
+            self._http[source_address] = session
+        return session
 
     async def close(self) -> None:
-        """Release the HTTP session."""
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        """Release the HTTP sessions."""
+        sessions, self._http = list(self._http.values()), {}
+        for session in sessions:
+            await session.close()

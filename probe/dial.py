@@ -27,15 +27,16 @@ async def connect(
 
     `host` is an IP address on direct and bound routes; on proxy routes it may be a name,
     which the proxy resolves (socks5h semantics, for socks5:// too). Through a proxy,
-    `connect` covers the TCP handshake with the proxy, authentication, the proxy's own name
-    resolution and its connection to the target. Proxy failures are ProxyFailures whose
-    text names the proxy by its redacted URL, never its credentials.
+    `connect` covers the TCP handshake with the proxy (from the route's source_address, if
+    any), authentication, the proxy's own name resolution and its connection to the target.
+    Proxy failures are ProxyFailures whose text names the proxy by its redacted URL, never
+    its credentials.
     """
     trace.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     with trace.phase(Phase.CONNECT, Stage.CONNECT):
         if route.proxy is not None:
             trace.peer += f" via {route.proxy.redacted()}"
-            sock = await _proxy_connect(host, port, route.proxy, trace)
+            sock = await _proxy_connect(host, port, route.proxy, route.source_address, trace)
         else:
             sock = await _direct_connect(host, port, route.source_address)
         reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
@@ -73,7 +74,7 @@ _HTTP_STATUSES = {504: Outcome.TCP_TIMEOUT}  # the proxy's own connection timed 
 _HTTP_AUTH_STATUSES = {401, 407}
 
 
-async def _proxy_connect(host: str, port: int, p: Proxy, trace: Trace) -> socket.socket:
+async def _proxy_connect(host: str, port: int, p: Proxy, source_address: str | None, trace: Trace) -> socket.socket:
     proxy = AsyncProxy(
         proxy_type=ProxyType.HTTP if p.scheme == "http" else ProxyType.SOCKS5,
         host=p.host,
@@ -84,10 +85,11 @@ async def _proxy_connect(host: str, port: int, p: Proxy, trace: Trace) -> socket
     )
     try:
         # The probe's deadline bounds this; python-socks wants its own timeout too.
-        sock: socket.socket = await proxy.connect(host, port, timeout=3600)
+        local = (source_address, 0) if source_address is not None else None
+        sock: socket.socket = await proxy.connect(host, port, timeout=3600, local_addr=local)
     except ProxyConnectionError as e:
         trace.peer = f"proxy {p.redacted()}"
-        raise _unreachable(p, e) from e
+        raise _unreachable(p, e, source_address) from e
     except ProxyError as e:
         raise _refused(p, e, trace) from e
     except (ConnectionError, EOFError) as e:
@@ -98,9 +100,11 @@ async def _proxy_connect(host: str, port: int, p: Proxy, trace: Trace) -> socket
     return sock
 
 
-def _unreachable(p: Proxy, e: ProxyConnectionError) -> ProxyFailure:
+def _unreachable(p: Proxy, e: ProxyConnectionError, source_address: str | None) -> ProxyFailure:
     text = os.strerror(e.errno) if e.errno else str(e)
     outcome = classify(Stage.CONNECT, OSError(e.errno, text))  # the errno table of a direct connect
+    if outcome is Outcome.ERROR and source_address is not None:  # a local fault, e.g. an address not ours
+        return ProxyFailure(f"cannot connect to proxy {p.redacted()} from {source_address}: {text}", outcome)
     reason = f"{text}; the proxy itself is unreachable"
     return ProxyFailure(f"proxy {p.redacted()} is unreachable: {text}", outcome, reason)
 

@@ -341,17 +341,16 @@ async def _send(
                 server_hostname=server.server_name or server.host,
             )
         case ResolverType.DOH:
-            return await _doh(server, query, ctx)
+            return await _doh(server, query, ctx, source)
 
 
-async def _doh(server: _Server, query: dns.message.QueryMessage, ctx: ProbeContext) -> dns.message.Message:
-    """POST `query` as RFC 8484 wire format; the caller's deadline bounds it.
-
-    DoH goes through the shared aiohttp session, so a route's source_address is not applied (yet).
-    """
+async def _doh(
+    server: _Server, query: dns.message.QueryMessage, ctx: ProbeContext, source: str | None
+) -> dns.message.Message:
+    """POST `query` as RFC 8484 wire format from `source`; the caller's deadline bounds it."""
     query.id = 0  # RFC 8484 4.1: lets HTTP caches share answers
     try:
-        async with ctx.http_session().post(
+        async with ctx.http_session(source).post(
             server.url, data=query.to_wire(), headers=_DOH_HEADERS,
             ssl=ctx.tls.verifying(server.ca_file), allow_redirects=False,
         ) as resp:

@@ -111,7 +111,7 @@ def _pair_families(store: ResultStore, config: Config, targets: list[Target]) ->
     rank = _gauge("probe_route_rank", "Rank of the route for the target; 1 is the one to use.")
     score = _gauge(
         "probe_route_score",
-        "Route score from the recent runs: p90 latency x (1 + failure share) + tier offset; lower is better.",
+        "Route score from the last 20 runs: p90 x (1 + 4 x failure share) + s/MiB + tier offset; lower is better.",
     )
     last_run = _gauge("probe_last_run_timestamp_seconds", "When the last probe finished, unix seconds.")
 

@@ -1,17 +1,19 @@
 """Route ranking: a score per (target, route) from its recent runs, tiers, and hysteresis.
 
-The rule, as an operator checks it by hand (README, docs/routes.md):
+The rule, as an operator checks it by hand from /api/routes (README "Route ranking"):
 
-  score = latency x (1 + failure share) + tier offset, lower is better, where latency is
-  the 90th-percentile duration of the successful runs among the last WINDOW (the target's
-  timeout when none succeeded) and the offset is 0 for a working route, 1000 for one never
-  probed, 2000 for a failing one and 3000 for a blocked one. Rank 1 moves only when the
-  route holding it stops working or a challenger scores at least SWITCH_RATIO lower and
-  SWITCH_SECONDS lower.
+  score = p90 x (1 + 4 x failure share) + seconds per MiB + tier offset, lower is better.
+  p90 is the 90th-percentile request time (the sum of the phases) of the successful runs
+  among the last WINDOW, the target's timeout when none succeeded; the failure share counts
+  every failed run of the window (blocked, refused, timed out: lost); seconds per MiB is
+  1048576 / the median download throughput, 0 without a download; the tier offset is 0
+  for a working route, 1000 for one never probed, 2000 for a failing one, 3000 for a
+  blocked one. Rank 1 moves only when the route holding it stops working or a challenger
+  scores at least SWITCH_RATIO lower and SWITCH_SECONDS lower.
 
 A route is working when its last run succeeded and at most MAX_FAILURE_SHARE of its
 window failed; otherwise it is blocked if its latest failure was an interference class,
-else failing. Since a probe's duration includes its download, throughput counts too.
+else failing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from probe.models import Outcome, ProbeResult
 
 WINDOW = 20  # runs per (target, route) that the score looks at
 MAX_FAILURE_SHARE = 0.25  # more failed runs than this in the window: not working
+FAILURE_WEIGHT = 4.0  # one failed run in 20 costs as much as a 20% slower route
+MIB = 1024 * 1024
 SWITCH_RATIO = 0.2  # a challenger must score this much lower than the current best...
 SWITCH_SECONDS = 0.010  # ...and at least this much lower, to take rank 1 from a working route
 TIER_WIDTH = 1000.0  # tier offsets are multiples of this; latency is capped below it
@@ -56,7 +60,7 @@ class RouteStats:
     runs: int = 0
     failures: int = 0
     blocked: int = 0  # failures that were interference classes
-    latency_seconds: float | None = None  # p90 duration of the successful runs
+    latency_seconds: float | None = None  # p90 request time (sum of the phases) of the successful runs
     throughput_bytes_per_second: float | None = None  # median over the runs that measured it
     last_outcome: Outcome | None = None
     last_duration_seconds: float | None = None
@@ -82,7 +86,7 @@ def summarize(history: Sequence[ProbeResult]) -> RouteStats:
     runs = list(history)[-WINDOW:]
     if not runs:
         return RouteStats()
-    ok = sorted(r.duration_seconds for r in runs if r.success)
+    ok = sorted(request_seconds(r) for r in runs if r.success)
     failed = [r for r in runs if not r.success]
     rates = [r.throughput_bytes_per_second for r in runs if r.throughput_bytes_per_second is not None]
     return RouteStats(
@@ -97,17 +101,24 @@ def summarize(history: Sequence[ProbeResult]) -> RouteStats:
     )
 
 
+def request_seconds(result: ProbeResult) -> float:
+    """Return the time a run spent in its phases: its latency without the download."""
+    return sum(result.phases.values())
+
+
 def p90(ordered: Sequence[float]) -> float:
     """Return the 90th percentile by nearest rank (of 20 values, the 18th smallest)."""
     return ordered[(9 * len(ordered) + 9) // 10 - 1]
 
 
 def score(stats: RouteStats, timeout: float) -> float:
-    """Return latency x (1 + failure share) + the tier offset; lower is better."""
+    """Return p90 x (1 + 4 x failure share) + seconds per MiB + the tier offset; lower is better."""
     if stats.runs == 0:
         return stats.tier.offset
     latency = stats.latency_seconds if stats.latency_seconds is not None else timeout
-    return stats.tier.offset + min(latency * (1.0 + stats.failure_share), TIER_WIDTH - 1.0)
+    rate = stats.throughput_bytes_per_second
+    per_mib = MIB / rate if rate else 0.0
+    return stats.tier.offset + min(latency * (1.0 + FAILURE_WEIGHT * stats.failure_share) + per_mib, TIER_WIDTH - 1.0)
 
 
 @dataclass(frozen=True, slots=True)

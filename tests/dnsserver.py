@@ -7,6 +7,7 @@
         tcp = server.resolver("ali-tcp", ResolverType.TCP)
         ...
         server.queries                                # [("udp", "hk.storage.example", "A"), ...]
+        server.clients                                # [("udp", "127.0.0.1"), ...]: who asked
 
     async with DnsServer(silent(), tls=ca) as server:  # tls: a trustme.CA; also serves DoT and DoH
         server.resolver("q9", ResolverType.DOT, ca_file=ca_pem_path, server_name="dns.test")
@@ -69,6 +70,7 @@ class DnsServer:
         self.doh_url = ""
         self.doh_status = doh_status  # anything but 200: DoH answers with this status, no DNS
         self.queries: list[tuple[Transport, str, str]] = []  # (transport, name, type), as they arrive
+        self.clients: list[tuple[Transport, str]] = []  # (transport, source address) of every query
         self._tls, self._tls_names = tls, tuple(tls_names)
         self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._closing = asyncio.Event()
@@ -173,7 +175,8 @@ class DnsServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _parse(self, wire: bytes, transport: Transport) -> dns.message.Message | None:
+    def _parse(self, wire: bytes, transport: Transport, client: str | None) -> dns.message.Message | None:
+        self.clients.append((transport, client or "?"))
         try:
             query = dns.message.from_wire(wire)
         except dns.exception.DNSException:
@@ -185,7 +188,7 @@ class DnsServer:
         return query
 
     async def _on_udp(self, wire: bytes, peer: Any) -> None:
-        query = self._parse(wire, "udp")
+        query = self._parse(wire, "udp", peer[0])
         if query is None or self._udp is None:
             return
         for reply in await self.behaviour(query, "udp"):
@@ -205,7 +208,7 @@ class DnsServer:
         try:
             while True:
                 size = int.from_bytes(await reader.readexactly(2), "big")
-                query = self._parse(await reader.readexactly(size), kind)
+                query = self._parse(await reader.readexactly(size), kind, writer.get_extra_info("peername")[0])
                 if query is None:
                     return
                 replies = await self.behaviour(query, kind)
@@ -227,7 +230,7 @@ class DnsServer:
     async def _on_doh(self, request: web.Request) -> web.StreamResponse:
         if self.doh_status != 200:
             return web.Response(status=self.doh_status, text="not today")
-        query = self._parse(await request.read(), "doh")
+        query = self._parse(await request.read(), "doh", request.remote)
         if query is None:
             return web.Response(status=400, text="not a DNS message")
         replies = await self.behaviour(query, "doh")

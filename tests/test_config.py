@@ -107,7 +107,6 @@ INVALID: list[tuple[str, list[str]]] = [
         ],
     ),
     ("invalid-source-address-not-ip.yml", ["routes[1].source_address: 'eth1' is not an IP address"]),
-    ("invalid-source-address-with-proxy.yml", ["routes[1]: source_address and proxy cannot be combined"]),
     (
         "invalid-direct-route-with-proxy.yml",
         ["routes[0]: the route 'direct' cannot have a source_address or proxy"],

@@ -201,19 +201,19 @@ async def test_answers_are_capped(make_context: MakeContext) -> None:
     assert set(found.answers) <= set(many)
 
 
-@pytest.mark.parametrize("transport", ["udp", "tcp", "dot"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_source_address_is_bound(
     transport: str, ca: trustme.CA, ca_file: str, make_context: MakeContext
 ) -> None:
     async with DnsServer(GOOD, tls=ca) as server:
         resolver = resolver_for(server, transport, ca_file)
-        found = await probe_dns.lookup(
-            resolver, NAME, Deadline.after(3), make_context(resolver), source_address="127.0.0.1"
-        )
+        ctx = make_context(resolver, hosts="", system_port=server.port)
+        found = await probe_dns.lookup(resolver, NAME, Deadline.after(3), ctx, source_address="127.0.0.2")
     assert found.answers == (*V4, *V6)
+    assert server.clients and {source for _, source in server.clients} == {"127.0.0.2"}  # a loopback alias
 
 
-@pytest.mark.parametrize("transport", ["udp", "tcp", "dot", "system"])
+@pytest.mark.parametrize("transport", ["udp", "tcp", "dot", "doh", "system"])
 async def test_unusable_source_address_is_a_local_error(
     transport: str, ca: trustme.CA, ca_file: str, make_context: MakeContext
 ) -> None:

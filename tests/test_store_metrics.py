@@ -47,6 +47,8 @@ def config(text: str = CONFIG) -> Config:
 def result(
     target: str, route: str, outcome: Outcome = Outcome.OK, duration: float = 0.1, **kwargs: object
 ) -> ProbeResult:
+    if outcome is Outcome.OK:  # a successful run completed its phases; the ranking reads their sum
+        kwargs.setdefault("phases", {Phase.CONNECT: duration})
     return ProbeResult(target, route, outcome, time.time(), duration, **kwargs)  # type: ignore[arg-type]
 
 

@@ -91,10 +91,12 @@ def failure_evidence(trace: Trace, outcome: Outcome, exc: BaseException) -> str:
 async def resolve(host: str, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> str:
     """Return the address to connect to for `host` over `route`, timing the `resolve` phase.
 
-    socks5h and HTTP proxies resolve the name themselves (so local poisoning cannot touch
-    it): the name is passed on unresolved and no `resolve` phase is recorded.
+    Proxy routes (socks5, socks5h, http) hand the name to the proxy, which resolves it (so
+    local poisoning cannot touch it): no `resolve` phase is recorded. A proxy route that
+    names a `resolver` resolves here through it and hands the proxy the address. Other
+    routes ask their resolver (`system` by default), from their source_address if any.
     """
-    if route.proxy is not None and route.proxy.scheme != "socks5" and not is_ip(host):
+    if route.proxy is not None and route.resolver is None and not is_ip(host):
         trace.address = host
         return host
     with trace.phase(Phase.RESOLVE, Stage.RESOLVE):
