@@ -4,7 +4,7 @@
       (probe runs here)               (iptables, NFQUEUE,        (storage endpoints, resolver,
                                         tc: the interference)      DoH control, proxies)
 
-Only documentation ranges, only namespaces whose names start with PREFIX; the root namespace's
+Only documentation ranges, only namespaces named `pl…` (this lab's prefix); the root namespace's
 addresses, routes and firewall are never touched. Every interference lives in the border's
 own chains (PLLAB in filter FORWARD, PLNAT in nat PREROUTING) and in one tc class (reached
 through mangle PLCLASS), so a test switches it on with a rule and `Border.reset()` switches
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-PREFIX = "pl"
 VANTAGE, BORDER, ABROAD = "plvantage", "plborder", "plabroad"
+NAMESPACES = (VANTAGE, BORDER, ABROAD)
 VANTAGE_IP, BORDER_INSIDE, BORDER_OUTSIDE = "192.0.2.10", "192.0.2.1", ("198.51.100.1", "203.0.113.1")
 ROOT = Path(__file__).resolve().parents[2]
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec NS` bind-mounts /etc/netns/NS/* over /etc/*
@@ -83,23 +83,20 @@ def missing_prerequisites() -> str | None:
 
 
 def cleanup_leftovers() -> None:
-    """Remove every namespace, root-namespace link and /etc/netns entry with our prefix, and their processes."""
-    for line in sh("ip", "netns", "list", check=False).splitlines():
-        name = line.split()[0] if line.split() else ""
-        if not name.startswith(PREFIX):
-            continue
-        for pid in sh("ip", "netns", "pids", name, check=False).split():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-        sh("ip", "netns", "delete", name, check=False)
-    for line in sh("ip", "-o", "link", "show", check=False).splitlines():
-        parts = line.split(":")
-        if len(parts) > 1 and parts[1].strip().split("@")[0].startswith(PREFIX):
-            sh("ip", "link", "delete", parts[1].strip().split("@")[0], check=False)
-    if NETNS_ETC.is_dir():
-        for entry in NETNS_ETC.iterdir():
-            if entry.name.startswith(PREFIX):
-                shutil.rmtree(entry, ignore_errors=True)
+    """Remove the lab's namespaces (and the processes in them) and /etc/netns entries, if any are left.
+
+    Only the lab's own names, not everything with the prefix: other labs on this machine
+    may use names that happen to start the same way. The veth pairs are created inside the
+    namespaces, so they go with them.
+    """
+    existing = {line.split()[0] for line in sh("ip", "netns", "list", check=False).splitlines() if line.split()}
+    for name in NAMESPACES:
+        if name in existing:
+            for pid in sh("ip", "netns", "pids", name, check=False).split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            sh("ip", "netns", "delete", name, check=False)
+        shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
 
 
 @dataclass
@@ -225,7 +222,7 @@ class Lab:
     def build(self, abroad_hosts: Sequence[str], abroad_names: dict[str, str]) -> None:
         """Create the namespaces, links, addresses and routes, and the border's empty chains."""
         cleanup_leftovers()
-        for ns in (VANTAGE, BORDER, ABROAD):
+        for ns in NAMESPACES:
             try:
                 sh("ip", "netns", "add", ns)
             except LabError as e:
