@@ -14,6 +14,7 @@ everything off again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -341,13 +342,20 @@ class Lab:
         """
         path = self.directory / "targets.json"  # YAML is a superset of JSON
         path.write_text(json.dumps(config, indent=1))
-        argv = ["ip", "netns", "exec", VANTAGE, *(["chrt", "-f", "10"] if realtime else []), sys.executable,
-                "-m", "probe", command, "--json", "-c", str(path), *args]
+        priority = ["chrt", "-f", "10"] if realtime and realtime_allowed() else []
+        argv = ["ip", "netns", "exec", VANTAGE, *priority, sys.executable, "-m", "probe", command, "--json",
+                "-c", str(path), *args]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
         if done.returncode not in (0, 1):
             raise LabError(f"probe {command} exited {done.returncode}: {done.stderr.strip()}")
         result: dict[str, Any] = json.loads(done.stdout)
         return result
+
+
+@functools.cache
+def realtime_allowed() -> bool:
+    """Return whether this machine lets us run a process at real-time priority (containers may not)."""
+    return subprocess.run(["chrt", "-f", "10", "true"], capture_output=True).returncode == 0
 
 
 @contextlib.contextmanager
