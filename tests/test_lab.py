@@ -303,19 +303,22 @@ def test_few_percent_random_loss_on_a_healthy_path_is_ok(env: LabEnv) -> None:
 
 
 def test_residual_blocking_of_the_triple_after_a_trigger(env: LabEnv) -> None:
-    seconds = 3.0
+    seconds = 4.0
     env.border.queue("tamper", "residual", "--trigger", "blocked-sni.example", "--seconds", str(seconds),
                      match=["-p", "tcp", "-s", VANTAGE_IP, "-d", RESIDUAL, "--dport", "443"])
     trigger = {"name": "trigger", "address": f"{RESIDUAL}:443", "tls": True, "server_name": "blocked-sni.example"}
     innocent = {"name": "innocent", "address": f"{RESIDUAL}:443", "tls": True, "server_name": "residual.example"}
     other_port = {"name": "other-port", "address": f"{RESIDUAL}:80"}
-    triggered = time.monotonic()
-    expect(env, env.once(trigger), "trigger", "tls_reset", True)
+    doc = env.once(trigger)
+    expect(env, doc, "trigger", "tls_reset", True)
+    r = result(doc, "trigger")
+    window_ends = r["started_at"] + r["duration_seconds"] + seconds  # wall clock, as started_at
     # The same (client, server, port) is now blocked whatever it carries; another port is not.
     doc = env.once(innocent, other_port, timeout="1s")
+    assert result(doc, "innocent")["started_at"] + 1.0 < window_ends, "too slow to probe inside the window"
     expect(env, doc, "innocent", "tcp_timeout", True)
     expect(env, doc, "other-port", "ok", False)
-    time.sleep(max(0.0, triggered + seconds + 0.2 - time.monotonic()))
+    time.sleep(max(0.0, window_ends + 0.3 - time.time()))
     expect(env, env.once(innocent), "innocent", "ok", False)
 
 
