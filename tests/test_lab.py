@@ -373,8 +373,10 @@ def test_two_injectors_racing_the_resolver_is_dns_injection(env: LabEnv) -> None
 
 @DNS_XFAIL
 def test_canary_that_answers_is_dns_injection(env: LabEnv) -> None:
-    injector("--fingerprint", "gfw-b", to=CANARY)(env.border)
-    expect(env, env.once(https("t", "storage.example"), canaries=(CANARY,)), "t", "dns_injection", True)
+    # The resolver's path gets only the forgery (as in the dns_mismatch case); the canary, which
+    # runs no DNS server yet answers, shows it was forged on the path, not by the resolver.
+    injector("--fingerprint", "gfw-b", "--poison", "--name", "injected.example", to=f"{RESOLVER},{CANARY}")(env.border)
+    expect(env, env.once(https("t", "injected.example"), canaries=(CANARY,)), "t", "dns_injection", True)
 
 
 @DNS_XFAIL
@@ -430,10 +432,11 @@ def test_forged_replies_beat_the_real_one_on_the_wire(env: LabEnv) -> None:
 
 
 def test_canary_without_dns_server_answers_through_the_injector(env: LabEnv) -> None:
-    assert replies_seen("storage.example", CANARY) == []  # nothing runs there
-    injector("--fingerprint", "gfw-b", to=CANARY)(env.border)
-    replies = replies_seen("storage.example", CANARY)
+    assert replies_seen("injected.example", CANARY) == []  # nothing runs there
+    injector("--fingerprint", "gfw-b", "--name", "injected.example", to=CANARY)(env.border)
+    replies = replies_seen("injected.example", CANARY)
     assert [(r["from"], len(r["ip_answers"])) for r in replies] == [(CANARY, 1)], replies
+    assert replies_seen("storage.example", CANARY) == []  # only blocked names are answered
 
 
 def test_injector_leaves_other_names_alone(env: LabEnv) -> None:
