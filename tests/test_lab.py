@@ -233,12 +233,14 @@ CASES = {
     "rst_on_sni_is_tls_reset": Case(
         lambda b: b.rule(*sni("blocked-sni.example"), *RESET), https("t", "blocked-sni.example"), "tls_reset", True),
     "drop_on_sni_is_tls_timeout": Case(
-        lambda b: b.rule(*sni("stall-sni.example"), *DROP), https("t", "stall-sni.example"), "tls_timeout", True),
+        lambda b: b.rule(*sni("stall-sni.example"), *DROP), https("t", "stall-sni.example"), "tls_timeout", True,
+        timeout="1s"),
     "rst_on_http_host_is_http_reset": Case(
         lambda b: b.rule(*host_header("blocked-host.example"), *RESET), http("t", "blocked-host.example"),
         "http_reset", True),
     "ip_blackhole_is_tcp_timeout": Case(
-        lambda b: b.rule("-d", BLACKHOLE, *DROP), https("t", "blackhole.example"), "tcp_timeout", True),
+        lambda b: b.rule("-d", BLACKHOLE, *DROP), https("t", "blackhole.example"), "tcp_timeout", True,
+        timeout="1s"),
     "server_down_is_tcp_refused_not_blocked": Case(
         _none, {"name": "t", "address": "storage.example:8443"}, "tcp_refused", False),
     "interception_with_untrusted_ca_is_tls_cert_invalid": Case(
@@ -254,20 +256,21 @@ CASES = {
                          "--string", "CONNECT blocked-connect.example", *RESET),
         https("t", "blocked-connect.example", routes=["hk-http"]), "tcp_reset", True, route="hk-http"),
     "no_response_is_http_timeout_not_blocked": Case(
-        _none, https("t", "storage.example", "/slow"), "http_timeout", False),
+        _none, https("t", "storage.example", "/slow"), "http_timeout", False, timeout="1s"),
     "nxdomain_is_dns_nxdomain_not_blocked": Case(_none, https("t", "missing.example"), "dns_nxdomain", False),
     "servfail_is_dns_servfail_not_blocked": Case(_none, https("t", "broken.example"), "dns_servfail", False),
-    "silent_resolver_is_dns_timeout_not_blocked": Case(_none, https("t", "mute.example"), "dns_timeout", False),
+    "silent_resolver_is_dns_timeout_not_blocked": Case(
+        _none, https("t", "mute.example"), "dns_timeout", False, timeout="1s"),
     "tbf_throttle_is_throttled": Case(
         lambda b: b.throttle(THROTTLED, "400kbit"),
         https("t", "throttle.example", download={"url": "https://throttle.example/probe/256KiB.bin",
                                                  "min_bytes_per_second": 200000}),
-        "throttled", True, timeout="3s"),
+        "throttled", True),
     "unthrottled_download_is_ok": Case(
         _none,
         https("t", "throttle.example", download={"url": "https://throttle.example/probe/256KiB.bin",
                                                  "min_bytes_per_second": 200000}),
-        "ok", False, timeout="3s"),
+        "ok", False),
 }
 
 
