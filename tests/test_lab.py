@@ -218,6 +218,12 @@ def _none(border: Border) -> None:
     pass
 
 
+def _on_path_rst(border: Border) -> None:
+    # The ClientHello goes on to the server; the forged RSTs (TTL 41, a fingerprint) beat its answer.
+    border.queue("tamper", "inject-rst", "--trigger", "blocked-sni.example", "--ttl", "41",
+                 match=sni("blocked-sni.example"))
+
+
 def _block_page(border: Border) -> None:
     border.queue("tamper", "blockpage", match=host_header("blockpage.example"))
 
@@ -232,6 +238,8 @@ CASES = {
     "healthy_plain_tcp_is_ok": Case(_none, {"name": "t", "address": "storage.example:22"}, "ok", False),
     "rst_on_sni_is_tls_reset": Case(
         lambda b: b.rule(*sni("blocked-sni.example"), *RESET), https("t", "blocked-sni.example"), "tls_reset", True),
+    "rst_injected_on_path_on_sni_is_tls_reset": Case(
+        _on_path_rst, https("t", "blocked-sni.example"), "tls_reset", True),
     "drop_on_sni_is_tls_timeout": Case(
         lambda b: b.rule(*sni("stall-sni.example"), *DROP), https("t", "stall-sni.example"), "tls_timeout", True,
         timeout="1s"),

@@ -1,6 +1,7 @@
 """NFQUEUE programs of the border router that hold, drop or answer TCP packets.
 
     python -m tests.lab.tamper delay --queue 1 --ms 40          # hold every queued packet 40 ms
+    python -m tests.lab.tamper inject-rst --queue 4 --trigger x.example   # on-path RSTs, packet goes on
     python -m tests.lab.tamper residual --queue 2 --trigger x.example --seconds 3   # reset, then block the triple
     python -m tests.lab.tamper blockpage --queue 3              # answer a queued request with a block page
 
@@ -34,6 +35,31 @@ def delay(args: argparse.Namespace) -> None:
 
     loop = QueueLoop(args.queue, on_packet, args.max_seconds, realtime=True)
     loop.run()
+
+
+def inject_rst(args: argparse.Namespace) -> None:
+    """On-path reset: let a packet carrying `--trigger` through, and forge RSTs to both ends at once.
+
+    As the Great Firewall does it: it cannot hold the packet, so the server still gets it and
+    answers; the forged RST to the client simply arrives first.
+    """
+    sender = packets.raw_sender()
+    trigger = args.trigger.encode()
+
+    def on_packet(pkt: Packet) -> None:
+        ip = packets.parse_ipv4(pkt.get_payload())
+        tcp = packets.parse_tcp(ip.payload)
+        pkt.accept()
+        if trigger not in tcp.payload:
+            return
+        end = tcp.seq + len(tcp.payload)
+        packets.send(sender, packets.tcp_packet(ip.dst, ip.src, tcp.dport, tcp.sport, tcp.ack, 0, packets.RST,
+                                                ttl=args.ttl))
+        packets.send(sender, packets.tcp_packet(ip.src, ip.dst, tcp.sport, tcp.dport, end, 0, packets.RST,
+                                                ttl=args.ttl))
+        log(f"injected RSTs for {ip.src}:{tcp.sport} <-> {ip.dst}:{tcp.dport} on {args.trigger!r}")
+
+    QueueLoop(args.queue, on_packet, args.max_seconds).run()
 
 
 def residual(args: argparse.Namespace) -> None:
@@ -101,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("delay")
     common_arguments(p)
     p.add_argument("--ms", type=float, required=True)
+    p = sub.add_parser("inject-rst")
+    common_arguments(p)
+    p.add_argument("--trigger", required=True, help="bytes (e.g. a server name) that trigger the resets")
+    p.add_argument("--ttl", type=int, default=64, help="IP TTL of the forged resets (a fingerprint)")
     p = sub.add_parser("residual")
     common_arguments(p)
     p.add_argument("--trigger", required=True, help="bytes (e.g. a server name) that trigger the reset")
@@ -109,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     common_arguments(p)
     p.add_argument("--status", type=int, default=200)
     args = parser.parse_args(argv)
-    {"delay": delay, "residual": residual, "blockpage": blockpage}[args.program](args)
+    {"delay": delay, "inject-rst": inject_rst, "residual": residual, "blockpage": blockpage}[args.program](args)
     return 0
 
 
