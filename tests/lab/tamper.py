@@ -40,8 +40,10 @@ def delay(args: argparse.Namespace) -> None:
 def inject_rst(args: argparse.Namespace) -> None:
     """On-path reset: let a packet carrying `--trigger` through, and forge RSTs to both ends at once.
 
-    As the Great Firewall does it: it cannot hold the packet, so the server still gets it and
-    answers; the forged RST to the client simply arrives first.
+    As the Great Firewall does it: it does not hold the packet, so the server still gets it and
+    answers; the forged RST to the client arrives first. (The GFW wins that race by being
+    fast; a Python program on a busy machine is not, so the client's RST leaves before the
+    packet is let go.)
     """
     sender = packets.raw_sender()
     trigger = args.trigger.encode()
@@ -49,12 +51,13 @@ def inject_rst(args: argparse.Namespace) -> None:
     def on_packet(pkt: Packet) -> None:
         ip = packets.parse_ipv4(pkt.get_payload())
         tcp = packets.parse_tcp(ip.payload)
-        pkt.accept()
         if trigger not in tcp.payload:
+            pkt.accept()
             return
         end = tcp.seq + len(tcp.payload)
         packets.send(sender, packets.tcp_packet(ip.dst, ip.src, tcp.dport, tcp.sport, tcp.ack, 0, packets.RST,
                                                 ttl=args.ttl))
+        pkt.accept()
         packets.send(sender, packets.tcp_packet(ip.src, ip.dst, tcp.sport, tcp.dport, end, 0, packets.RST,
                                                 ttl=args.ttl))
         log(f"injected RSTs for {ip.src}:{tcp.sport} <-> {ip.dst}:{tcp.dport} on {args.trigger!r}")
