@@ -288,6 +288,12 @@ def test_scenario(env: LabEnv, case: Case) -> None:
     expect(env, env.once(case.target, timeout=case.timeout), "t", case.outcome, case.blocked, case.route)
 
 
+def test_healthy_path_is_ok_over_every_route(env: LabEnv) -> None:
+    doc = env.once(https("t", "storage.example", routes=["direct", "hk-socks", "hk-http"]))
+    for route in ("direct", "hk-socks", "hk-http"):
+        expect(env, doc, "t", "ok", False, route)
+
+
 def test_sni_reset_spares_other_names_on_the_same_address(env: LabEnv) -> None:
     env.border.rule(*sni("blocked-sni.example"), *RESET)
     doc = env.once(https("blocked", "blocked-sni.example"), https("other", "storage.example"))
