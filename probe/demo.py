@@ -25,15 +25,13 @@ from probe.demoborder import (
     Action,
     Blackhole,
     ConnectProxy,
-    DnsAnswer,
-    DnsServer,
     Inspect,
     Middlebox,
     closed_port,
-    resolver,
     server_tls,
     storage_app,
 )
+from probe.demodns import DnsAnswer, DnsServer, resolver
 from probe.service import serve
 
 FORGED = "127.0.0.2"  # where forged answers point: nothing of the demo listens there
