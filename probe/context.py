@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -54,6 +55,7 @@ class DnsVerdict:
     result: DnsResult
     checked_at: float
     expires_at: float
+    trusted: frozenset[str] = frozenset()  # the control answers of the same check
 
 
 @dataclass
@@ -76,6 +78,8 @@ class ProbeContext:
     _http: aiohttp.ClientSession | None = None
     _forged: KnownForged | None = None
     _verdicts: dict[tuple[str, str], DnsVerdict] = field(default_factory=dict)
+    # resolver name -> (recheck after, evidence that it rewrites NXDOMAIN or None)
+    nx_rewrites: dict[str, tuple[float, str | None]] = field(default_factory=dict)
 
     @property
     def known_forged(self) -> KnownForged:
@@ -84,11 +88,14 @@ class ProbeContext:
             self._forged = KnownForged(self.config.bogons)
         return self._forged
 
-    def remember_dns(self, host: str, results: tuple[DnsResult, ...], valid_for: float) -> None:
+    def remember_dns(
+        self, host: str, results: Sequence[DnsResult], valid_for: float, trusted: frozenset[str] = frozenset()
+    ) -> None:
         """Keep the DNS check's verdicts for `host`, one per resolver, for `valid_for` seconds."""
         now = asyncio.get_running_loop().time()
         for result in results:
-            self._verdicts[(host.lower().rstrip("."), result.resolver)] = DnsVerdict(result, now, now + valid_for)
+            key = (host.lower().rstrip("."), result.resolver)
+            self._verdicts[key] = DnsVerdict(result, now, now + valid_for, trusted)
 
     def dns_verdict(self, host: str, resolver: str) -> DnsVerdict | None:
         """Return the latest unexpired DNS check verdict on `host` through `resolver`, if any."""

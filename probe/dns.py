@@ -185,7 +185,7 @@ async def _lookup_at(
             answered_at = max(answered_at, result.at)
             if not result.addresses:
                 parts.append((qtype, "no records"))
-    replies = len(received) + sum(1 for _, f in failures if f.replied and not f.replies)
+    replies = reply_count(received) + sum(1 for _, f in failures if f.replied and not f.replies)
     if addresses:
         evidence = tuple(f"{server.prefix}: {f.what} for {name} {t}" for t, f in failures)
         found = Lookup(_unique(addresses)[:MAX_ANSWERS], replies, 0.0, evidence, tuple(received), server.prefix,
@@ -203,6 +203,18 @@ async def _lookup_at(
         describe(first.__cause__) if first.__cause__ is not None else first.what,
         tuple(received),
     )
+
+
+def reply_count(received: Iterable[Reply]) -> int:
+    """Return how many replies answered the queries: per type every complete reply, all counted.
+
+    A truncated UDP reply is not an answer of its own: asked again over TCP, the TCP reply
+    completes it and counts once. Only a truncated reply that nothing completed counts itself.
+    """
+    by_type: dict[str, list[Reply]] = {}
+    for reply in received:
+        by_type.setdefault(reply.qtype, []).append(reply)
+    return sum(sum(not r.truncated for r in rs) or len(rs) for rs in by_type.values())
 
 
 def _has_addresses(task: asyncio.Task[_Answer]) -> bool:
