@@ -74,6 +74,8 @@ def with_dns_verdict(result: ProbeResult, target: Target, route: Route, checks: 
     check found forged or unusable, and the probe connected to an address the controls do not give.
     """
     result = dataclasses.replace(result, dns=tuple(checks))
+    if not target.needs_dns or route.proxy is not None and route.proxy.scheme != "socks5":
+        return result  # an IP literal, or a proxy that resolves the name itself: no local answer used
     verdict = next((d for d in checks if d.resolver == config.route_resolver(route).name), None)
     if verdict is None or verdict.outcome not in UNUSABLE_ANSWERS or result.address is None:
         return result
@@ -108,6 +110,7 @@ class _Seen:
     label: str  # `name (address:port/type)`
     found: Lookup | None = None
     failure: LookupFailure | None = None
+    failed_after: float | None = None  # seconds until the failure was known
 
     @property
     def received(self) -> tuple[Reply, ...]:
@@ -116,12 +119,13 @@ class _Seen:
 
 async def _look(resolver: Resolver, target: Target, deadline: Deadline, ctx: ProbeContext) -> _Seen:
     label = probe_dns.server_label(resolver, ctx)
+    started = asyncio.get_running_loop().time()
     try:
         found = await probe_dns.lookup(
             resolver, target.host, deadline, ctx, reply_window=target.dns_reply_window, dnssec=target.dnssec
         )
     except LookupFailure as f:
-        return _Seen(resolver, label, failure=f)
+        return _Seen(resolver, label, failure=f, failed_after=asyncio.get_running_loop().time() - started)
     return _Seen(resolver, found.server or label, found=found)
 
 
@@ -230,7 +234,7 @@ class _Judge:
             answers=found.answers if found else (),
             replies=found.replies if found else failure.replies if failure else 0,
             consistent=v.consistent,
-            duration_seconds=found.duration_seconds if found else None,
+            duration_seconds=found.duration_seconds if found else s.failed_after,
             evidence=tuple(dict.fromkeys(v.evidence)),
             error=failure.error if failure else None,
         )
