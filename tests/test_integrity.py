@@ -8,6 +8,7 @@ set never reach the TLS check, which is skipped once an answer is known forged.
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -16,12 +17,15 @@ from pathlib import Path
 import dns.rrset
 import pytest
 import trustme
+from prometheus_client.parser import text_string_to_metric_families
 
-from probe import integrity
+from probe import integrity, metrics
 from probe.config import DIRECT_ROUTE, Config, Resolver, ResolverType, Route, Target, TargetKind
 from probe.context import ProbeContext
 from probe.models import Deadline, DnsResult, Outcome
 from probe.runner import run_probe, run_round
+from probe.scheduler import Scheduler
+from probe.store import ResultStore
 from tests.dnsserver import (
     Behaviour,
     DnsServer,
@@ -36,6 +40,7 @@ from tests.dnsserver import (
     silent,
     truncated_over_udp,
 )
+from tests.test_cli import run_cli, write_config
 
 NAME = "hk.storage.example"
 REAL = ("198.51.100.20", "198.51.100.21")  # the controls' answer; nothing ever connects to it
@@ -497,3 +502,61 @@ async def test_a_later_probe_refuses_answers_the_last_check_found_forged(make: M
     assert after.evidence[-1] == (f"ali answered 127.0.0.66 for {NAME}, which the DNS check 0 s ago judged "
                                   f"dns_injection")
     assert any("2 differing replies" in e for e in after.evidence)
+
+
+async def test_probe_endpoint_path_exports_the_verdict_per_resolver(make: Make) -> None:
+    async with (
+        tcp_listener("127.0.0.66") as port,
+        DnsServer(racing(answer({NAME: ["127.0.0.66"]}), answer({NAME: ["127.0.0.20"]}))) as raced,
+        DnsServer(answer({NAME: ["127.0.0.20"]})) as honest,
+    ):
+        route = Route("via-ali", resolver="ali")
+        t = Target(name="t", kind=TargetKind.TCP, host=NAME, port=port, resolvers=("ali", "honest"),
+                   routes=("via-ali",), dns_reply_window=0.2, timeout=3.0)
+        ctx = make(raced.resolver("ali"), honest.resolver("honest"), bogons=[], routes=[route], targets=[t])
+        store = ResultStore(ctx.config)
+        scheduler = Scheduler(ctx.config, ctx, store)
+        [result] = await scheduler.run_target("t")  # what GET /probe?target=t runs
+    assert result.outcome is Outcome.DNS_INJECTION
+    series = {(f.name, tuple(sorted(s.labels.items()))): s.value
+              for f in text_string_to_metric_families(metrics.render(store, ctx.config).decode())
+              for s in f.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return series[(name, tuple(sorted({"vantage": "test", "target": "t", **labels}.items())))]
+
+    assert value("probe_outcome", route="via-ali", outcome="dns_injection") == 1.0
+    assert value("probe_dns_outcome", resolver="ali", outcome="dns_injection") == 1.0
+    assert value("probe_dns_outcome", resolver="honest", outcome="ok") == 1.0
+    assert value("probe_dns_replies", resolver="ali") == 4.0
+    assert value("probe_dns_replies", resolver="honest") == 2.0
+    assert value("probe_dns_consistent", resolver="ali") == 0.0
+    assert ("probe_dns_consistent", (("resolver", "honest"), ("target", "t"), ("vantage", "test"))) not in series
+    assert 0 < value("probe_dns_lookup_time_seconds", resolver="ali") < 0.2  # without the listening window
+
+
+async def test_once_json_shows_dns_injection_for_a_resolver_receiving_two_differing_replies(
+    tmp_path: Path,
+) -> None:
+    async with (
+        tcp_listener("127.0.0.66") as port,
+        DnsServer(racing(answer({NAME: ["127.0.0.66"]}), answer({NAME: ["127.0.0.20"]}))) as raced,
+    ):
+        cfg = write_config(tmp_path / "t.yml", {
+            "vantage": "lab-cn",
+            "resolvers": [{"name": "ali", "type": "udp", "address": f"127.0.0.1:{raced.port}"}],
+            "routes": [{"name": "via-ali", "resolver": "ali"}],
+            "bogons": [],
+            "targets": [{"name": "blocked", "address": f"{NAME}:{port}", "routes": ["via-ali"],
+                         "resolvers": ["ali"], "dns_reply_window": "200ms", "timeout": "3s"}],
+        })
+        code, out, err = await run_cli("once", "-c", cfg, "--json")
+    assert code == 1, err
+    [result] = json.loads(out)["results"]
+    assert (result["outcome"], result["blocked"], result["address"]) == ("dns_injection", True, "127.0.0.66")
+    [ali] = result["dns"]
+    assert (ali["resolver"], ali["outcome"], ali["answers"], ali["replies"], ali["consistent"]) == (
+        "ali", "dns_injection", ["127.0.0.66"], 4, False)
+    assert ali["evidence"][0].startswith(
+        f"ali (127.0.0.1:{raced.port}/udp): 2 differing replies to one A query for {NAME} within 200 ms")
+    assert result["evidence"][0] == ali["evidence"][0]
