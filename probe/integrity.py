@@ -163,9 +163,9 @@ async def _nx_rewrite(resolver: Resolver, deadline: Deadline, ctx: ProbeContext)
     cached = ctx.nx_rewrites.get(resolver.name)
     if cached is not None and cached[0] > now:
         return cached[1]
-    name = f"probe-nx-{secrets.token_hex(6)}.{ctx.nxdomain_zone}"
-    try:
-        found = await probe_dns.lookup(resolver, name, deadline, ctx)
+    name = f"probe-nx-{secrets.token_hex(6)}.{ctx.nxdomain_zone.rstrip('.')}"
+    try:  # absolute: the system resolver's search list must not add suffixes to it
+        found = await probe_dns.lookup(resolver, name + ".", deadline, ctx)
     except LookupFailure as f:
         if f.outcome in (Outcome.DNS_TIMEOUT, Outcome.ERROR):
             return None  # nothing learnt: ask again next time
@@ -204,7 +204,7 @@ class _Judge:
         self.trusted = frozenset(a for s in self.answered if s.found for a in s.found.answers)
         self.control_nxdomain = [s for s in self.controls if s.failure and s.failure.outcome is Outcome.DNS_NXDOMAIN]
         self.canaries = canaries
-        self._tls: dict[str, asyncio.Task[tuple[bool, str]]] = {}
+        self._tls: dict[str, asyncio.Task[TlsCheck]] = {}
         self._validated: dict[str, frozenset[str]] = {}  # control name -> its DNSSEC-validated answers
 
     def said(self) -> str:
@@ -260,6 +260,9 @@ class _Judge:
             v.consistent = v.consistent if v.outcome is not Outcome.OK else True
             return
         shared = bool(set(found.answers) & self.trusted)
+        if s.resolver.type is ResolverType.SYSTEM and not found.received:
+            v.consistent = shared if self.answered else None  # pinned in the hosts file: local config, no DNS
+            return
         # 3. known-forged answers, only where the control answer differs
         for address in found.answers:
             why = self.ctx.known_forged.why(address)
@@ -305,12 +308,15 @@ class _Judge:
             v.note(f"{s.label}: answered {_list(found.answers)} for {host}, while the control {names} says NXDOMAIN")
         else:
             return  # no control answer: consistency unknown
-        ok, how = await self._tls_check(found.answers[0])
-        v.consistent = ok
-        if ok:
-            v.note(f"TLS check of {how}: a CDN or GeoDNS answer, not a forged one")
-        else:
-            v.flag(Outcome.DNS_MISMATCH, f"TLS check of {how}")
+        check = await self._tls_check(found.answers[0])
+        if check.valid:
+            v.consistent = True
+            v.note(f"TLS check of {check.evidence}: a CDN or GeoDNS answer, not a forged one")
+        elif check.reached or self.target.uses_tls:
+            v.consistent = False
+            v.flag(Outcome.DNS_MISMATCH, f"TLS check of {check.evidence}")
+        else:  # a target without TLS need not serve TLS on 443 at its genuine addresses either
+            v.note(f"TLS check of {check.evidence}: inconclusive for a target without TLS")
 
     # 5. failure classes against the control
     def _judge_failure(self, s: _Seen, v: _Verdict) -> None:
@@ -364,14 +370,23 @@ class _Judge:
                 f"too ({'; '.join(_reply(r) for r in canary.control)}): it is misconfigured (something there "
                 f"answers DNS), so its replies are not counted as injection")
 
-    async def _tls_check(self, address: str) -> tuple[bool, str]:
+    async def _tls_check(self, address: str) -> TlsCheck:
         if address not in self._tls:
             self._tls[address] = asyncio.ensure_future(tls_check(address, self.target, self.deadline, self.ctx))
         return await asyncio.shield(self._tls[address])
 
 
-async def tls_check(address: str, target: Target, deadline: Deadline, ctx: ProbeContext) -> tuple[bool, str]:
-    """Connect to `address` with the target's SNI and verify the certificate; return (valid, evidence)."""
+@dataclass(frozen=True, slots=True)
+class TlsCheck:
+    """What the TLS check of one answered address found."""
+
+    valid: bool  # the handshake completed with a certificate valid for the target's name
+    reached: bool  # a TLS server answered at all (a certificate was presented, valid or not)
+    evidence: str  # `127.0.0.4:443 with SNI x: certificate rejected (...)`
+
+
+async def tls_check(address: str, target: Target, deadline: Deadline, ctx: ProbeContext) -> TlsCheck:
+    """Connect to `address` with the target's SNI (port 443 for targets without TLS) and verify the certificate."""
     port = target.port if target.uses_tls else 443
     peer = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     what = f"{peer} with SNI {target.sni}"
@@ -382,15 +397,15 @@ async def tls_check(address: str, target: Target, deadline: Deadline, ctx: Probe
                 address, port, ssl=ctx.tls.verifying(target.ca_file), server_hostname=target.sni
             )
     except ssl.SSLCertVerificationError as e:
-        return False, f"{what}: certificate rejected ({e.verify_message})"
+        return TlsCheck(False, True, f"{what}: certificate rejected ({e.verify_message})")
     except TimeoutError:
-        return False, f"{what}: no completed TLS handshake within {timeout:.1f} s"
+        return TlsCheck(False, False, f"{what}: no completed TLS handshake within {timeout:.1f} s")
     except ssl.SSLError as e:
-        return False, f"{what}: TLS handshake failed ({e.reason or e})"
+        return TlsCheck(False, False, f"{what}: TLS handshake failed ({e.reason or e})")
     except OSError as e:
-        return False, f"{what}: unreachable ({os.strerror(e.errno) if e.errno else e})"
+        return TlsCheck(False, False, f"{what}: unreachable ({os.strerror(e.errno) if e.errno else e})")
     writer.transport.abort()
-    return True, f"{what}: certificate valid for {target.sni}"
+    return TlsCheck(True, True, f"{what}: certificate valid for {target.sni}")
 
 
 def _list(addresses: Sequence[str]) -> str:

@@ -40,6 +40,7 @@ from tests.dnsserver import (
     silent,
     truncated_over_udp,
 )
+from tests.servers import closed_port
 from tests.test_cli import run_cli, write_config
 
 NAME = "hk.storage.example"
@@ -86,6 +87,7 @@ async def make(tmp_path: Path) -> AsyncIterator[Make]:
         ctx = ProbeContext(
             config, resolv_conf=str(tmp_path / "resolv.conf"), hosts_file=str(tmp_path / "hosts"),
             canary_port=canary_port, canary_wait=0.5, tls_check_timeout=1.0, trust_anchors=trust_anchors,
+            system_dns_port=closed_port(),  # the system resolver asks no real DNS server
         )
         made.append(ctx)
         return ctx
@@ -332,6 +334,30 @@ async def test_divergent_answer_failing_the_tls_check_is_mismatch(
         "nothing-listening": f"TLS check of 127.0.0.5:{port} with SNI {NAME}: unreachable (Connection refused)",
     }
     assert r.evidence[1] == expected[server]
+
+
+async def test_target_without_tls_unreachable_on_443_is_inconclusive_not_mismatch(
+    make: Make, ca: trustme.CA, ca_file: str
+) -> None:
+    async with DnsServer(answer({NAME: ["127.0.0.5"]})) as isp, DnsServer(CONTROL, tls=ca) as control:
+        ctx = make(isp.resolver("isp"), doh_control(control, ca_file), bogons=[])
+        plain = Target(name="t", kind=TargetKind.TCP, host=NAME, port=22, resolvers=("isp", "cf-doh"))
+        results = await check(ctx, plain)
+    r = results["isp"]
+    assert (r.outcome, r.consistent) == (Outcome.OK, None)
+    assert r.evidence[-1] == (f"TLS check of 127.0.0.5:443 with SNI {NAME}: unreachable (Connection refused): "
+                              f"inconclusive for a target without TLS")
+
+
+async def test_hosts_file_pin_is_local_config_not_forgery(make: Make, ca: trustme.CA, ca_file: str,
+                                                          tmp_path: Path) -> None:
+    async with DnsServer(CONTROL, tls=ca) as control:
+        ctx = make(Resolver("system", ResolverType.SYSTEM), doh_control(control, ca_file))
+        Path(ctx.hosts_file).write_text(f"127.0.0.1 localhost\n127.0.0.1 {NAME}\n")
+        results = await check(ctx, target("system", "cf-doh"))
+    r = results["system"]
+    assert (r.outcome, r.consistent, r.replies) == (Outcome.OK, False, 0)
+    assert r.evidence == (f"system: {NAME} is listed in {ctx.hosts_file}",)
 
 
 async def test_consistency_is_unknown_without_an_answering_control(make: Make, ca: trustme.CA,
