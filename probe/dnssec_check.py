@@ -149,4 +149,4 @@ def _check(
         dns.dnssec.validate(rrset, sigs, {signer: keys})
     except dns.exception.DNSException as e:  # ValidationFailure, or an unsupported algorithm
         tags = ", ".join(str(s.key_tag) for s in sigs)
-        raise Bogus(f"the signature of {what} by {signer} (key {tags}) does not validate: {e}") from e
+        raise Bogus(f"bad signature on {what} by {signer} (key {tags}): {e}") from e

@@ -220,13 +220,12 @@ class _Judge:
             v.flag(s.failure.outcome, str(s.failure))
         self._count_replies(s, v)
         if s.found is not None:
-            await self._judge_answers(s, s.found, v, rewrites)
+            authentic = await self._dnssec(s, s.found, v) if self.target.dnssec else False
+            await self._judge_answers(s, s.found, v, rewrites, authentic)
         else:
             self._judge_failure(s, v)
         if rewrites is not None:
             v.note(rewrites)
-        if self.target.dnssec and s.found is not None:
-            await self._dnssec(s, s.found, v)
         found, failure = s.found, s.failure
         return DnsResult(
             resolver=s.resolver.name,
@@ -254,7 +253,9 @@ class _Judge:
                        f"within {window:.0f} ms (the first is what a stub resolver uses): "
                        + "; ".join(_reply(r) for r in replies))
 
-    async def _judge_answers(self, s: _Seen, found: Lookup, v: _Verdict, rewrites: str | None) -> None:
+    async def _judge_answers(
+        self, s: _Seen, found: Lookup, v: _Verdict, rewrites: str | None, authentic: bool
+    ) -> None:
         host = self.target.host
         if s.resolver.control:
             v.consistent = v.consistent if v.outcome is not Outcome.OK else True
@@ -298,6 +299,9 @@ class _Judge:
                 return
             v.note(f"{s.label}: answers {_list(found.answers)} for {host} share nothing with the control answers "
                    f"{self.said()}")
+            if authentic:  # signed by the zone: a GeoDNS answer, whatever the controls got
+                v.consistent = True
+                return
         elif self.control_nxdomain:
             names = ", ".join(c.resolver.name for c in self.control_nxdomain)
             if rewrites is not None:
@@ -331,8 +335,10 @@ class _Judge:
             v.note(f"the controls fail the same way: {'; '.join(str(c.failure) for c in self.controls)}")
 
     # 6. DNSSEC
-    async def _dnssec(self, s: _Seen, found: Lookup, v: _Verdict) -> None:
+    async def _dnssec(self, s: _Seen, found: Lookup, v: _Verdict) -> bool:
+        """Validate each address answer; return whether every one validated."""
         validator = Validator(s.resolver, self.deadline, self.ctx)
+        authentic = False
         for message in found.messages:
             if not any(r.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for r in message.answer):
                 continue  # NODATA: denial of existence is not validated
@@ -342,6 +348,7 @@ class _Judge:
                 signed = await validator.validate(message)
             except Unverifiable as e:
                 v.note(f"{what} could not be validated: {e}")
+                return False
             except Unsigned as e:
                 validated = set().union(*self._validated.values()) if self._validated else set()
                 if validated and set(found.answers) <= validated:
@@ -350,13 +357,17 @@ class _Judge:
                 else:
                     v.consistent = False
                     v.flag(Outcome.DNS_INJECTION, f"{what} is unsigned ({e}), in a zone that is signed")
+                return False
             except Bogus as e:
                 v.consistent = False
                 v.flag(Outcome.DNS_INJECTION, f"{what} does not validate: {e}")
+                return False
             else:
                 v.note(f"{what} validates: {signed}, chained to the trust anchors")
-                if s.resolver.control:
-                    self._validated[s.resolver.name] = frozenset(found.answers)
+                authentic = True
+        if authentic and s.resolver.control:
+            self._validated[s.resolver.name] = frozenset(found.answers)
+        return authentic
 
     # ---- helpers ----
 

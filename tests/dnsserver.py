@@ -471,10 +471,11 @@ class SignedZones:
         self,
         *,
         forged: Mapping[str, Sequence[str]] | None = None,
-        signatures: Literal["valid", "kept", "none"] = "valid",
+        signatures: Literal["valid", "kept", "none", "regional"] = "valid",
     ) -> Behaviour:
         """Answer A, AAAA, DNSKEY and DS queries; `forged` addresses replace the zone's, with the
-        genuine signature `kept` (a replayed signature) or `none`; signatures="none" alone strips them."""
+        genuine signature `kept` (a replayed signature), `none`, or signed by the zone itself
+        (`regional`: another GeoDNS answer); signatures="none" alone strips them."""
         fakes = {_absolute(k): list(v) for k, v in (forged or {}).items()}
 
         async def behave(query: dns.message.Message, transport: Transport) -> list[bytes | float]:
@@ -495,7 +496,9 @@ class SignedZones:
                     response.set_rcode(dns.rcode.NXDOMAIN)
                 elif given:
                     rrset = dns.rrset.from_text_list(name, self.ttl, "IN", q.rdtype, given)
-                    if want and genuine:
+                    if want and signatures == "regional":
+                        response.answer.extend(self._signed(rrset, zone))
+                    elif want and genuine:
                         real = dns.rrset.from_text_list(name, self.ttl, "IN", q.rdtype, genuine)
                         rrsig = self._signed(real, zone)[1]
                         response.answer.extend([rrset, rrsig] if signatures == "kept" or name not in fakes else [rrset])

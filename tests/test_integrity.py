@@ -439,8 +439,8 @@ def zones() -> SignedZones:
     ("served", "outcome", "says"),
     [
         ({}, Outcome.OK, "validates: signed by storage.example. (key "),
-        ({"forged": {NAME: ["127.0.0.66"]}, "signatures": "kept"}, Outcome.DNS_INJECTION, "does not validate: the "
-         f"signature of {NAME}. A by storage.example. (key "),
+        ({"forged": {NAME: ["127.0.0.66"]}, "signatures": "kept"}, Outcome.DNS_INJECTION, "does not validate: bad "
+         f"signature on {NAME}. A by storage.example. (key "),
         ({"forged": {NAME: ["127.0.0.66"]}, "signatures": "none"}, Outcome.DNS_INJECTION,
          f"is unsigned ({NAME}. A carries no RRSIG), in a zone that is signed"),
         ({"signatures": "none"}, Outcome.OK, "is unsigned (hk.storage.example. A carries no RRSIG): the resolver "
@@ -461,6 +461,21 @@ async def test_dnssec_validation_of_each_resolver(
     assert r.outcome is outcome, r.evidence
     [line] = [e for e in r.evidence if e.startswith(f"{udp(isp, 'isp')}: DNSSEC: the A answer for {NAME}")]
     assert says in line
+
+
+async def test_dnssec_signed_regional_answer_is_authentic_without_a_tls_check(zones: SignedZones, make: Make) -> None:
+    regional = zones.behaviour(forged={NAME: ["127.0.0.30"]}, signatures="regional")
+    async with DnsServer(regional) as isp, DnsServer(zones.behaviour()) as control:
+        ctx = make(isp.resolver("isp"), control.resolver("q9", control=True), bogons=[],
+                   trust_anchors=(zones.anchor("example"),))
+        results = await check(ctx, target("isp", "q9", dnssec=True))
+    r = results["isp"]
+    assert (r.outcome, r.consistent, r.answers) == (Outcome.OK, True, ("127.0.0.30",))
+    assert r.evidence[0].startswith(f"{udp(isp, 'isp')}: DNSSEC: the A answer for {NAME} validates: signed by "
+                                    f"storage.example. (key ")
+    assert r.evidence[-1] == (f"{udp(isp, 'isp')}: answers 127.0.0.30 for {NAME} share nothing with the control "
+                              f"answers 127.0.0.20, 2001:db8::20 (q9)")
+    assert not any("TLS check" in e for e in r.evidence)
 
 
 async def test_dnssec_with_an_anchor_that_does_not_match_is_injection(zones: SignedZones, make: Make) -> None:
