@@ -206,15 +206,15 @@ async def _lookup_at(
 
 
 def reply_count(received: Iterable[Reply]) -> int:
-    """Return how many replies answered the queries: per type every complete reply, all counted.
+    """Return how many replies answered the queries: per query every complete reply, all counted.
 
     A truncated UDP reply is not an answer of its own: asked again over TCP, the TCP reply
     completes it and counts once. Only a truncated reply that nothing completed counts itself.
     """
-    by_type: dict[str, list[Reply]] = {}
+    by_query: dict[tuple[str, str, str], list[Reply]] = {}
     for reply in received:
-        by_type.setdefault(reply.qtype, []).append(reply)
-    return sum(sum(not r.truncated for r in rs) or len(rs) for rs in by_type.values())
+        by_query.setdefault(reply.query, []).append(reply)
+    return sum(sum(not r.truncated for r in rs) or len(rs) for rs in by_query.values())
 
 
 def _has_addresses(task: asyncio.Task[_Answer]) -> bool:

@@ -81,6 +81,12 @@ class Reply:
     answers: tuple[str, ...] = ()  # addresses of the asked type, CNAMEs followed, in received order
     ttl: int | None = None  # of the address records
     truncated: bool = False
+    qname: str = ""  # the name asked, lower case, no final dot
+
+    @property
+    def query(self) -> tuple[str, str, str]:
+        """Return (name, type, server): replies with the same key answer the same question to one server."""
+        return self.qname, self.qtype, self.source
 
     @property
     def says(self) -> tuple[str, frozenset[str]]:
@@ -188,6 +194,7 @@ def reply_of(
 ) -> Reply:
     """Return what `message` says in answer to `query`."""
     qtype = dns.rdatatype.to_text(query.question[0].rdtype)
+    qname = query.question[0].name.to_text(omit_final_dot=True).lower()
     truncated = bool(message.flags & dns.flags.TC)
     answers: tuple[str, ...] = ()
     ttl = None
@@ -199,7 +206,7 @@ def reply_of(
         if chain is not None and chain.answer is not None and chain.answer.rdtype in _ADDRESS_TYPES:
             answers = tuple(str(ipaddress.ip_address(rd.to_text())) for rd in chain.answer)
             ttl = chain.answer.ttl
-    return Reply(qtype, transport, source, after, dns.rcode.to_text(message.rcode()), answers, ttl, truncated)
+    return Reply(qtype, transport, source, after, dns.rcode.to_text(message.rcode()), answers, ttl, truncated, qname)
 
 
 def os_failure(e: OSError) -> QueryFailed:

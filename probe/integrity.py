@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import secrets
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import dns.rdatatype
 
 from probe import dns as probe_dns
+from probe import dns_checks
 from probe.config import Config, Resolver, ResolverType, Route, Target
 from probe.context import UNUSABLE_ANSWERS, ProbeContext
 from probe.dns import Lookup, LookupFailure
-from probe.dns_transport import Reply, count_replies
+from probe.dns_checks import Canary, described, listed
+from probe.dns_transport import Reply
 from probe.dnssec_check import Bogus, Unsigned, Unverifiable, Validator
 from probe.models import Deadline, DnsResult, Outcome, ProbeResult
 
@@ -32,7 +31,6 @@ _FAILED_HERE = frozenset({Outcome.DNS_INJECTION, Outcome.DNS_MISMATCH, Outcome.D
                           Outcome.DNS_TIMEOUT, Outcome.ERROR})
 # Resolvers whose queries travel in clear text: what an on-path injector can answer.
 PLAIN = frozenset({ResolverType.UDP, ResolverType.TCP, ResolverType.SYSTEM})
-NX_REWRITE_RECHECK = 600.0  # seconds: whether a resolver rewrites NXDOMAIN is a property of the resolver
 # The worse verdict wins: forged answers, then unusable ones, then failures.
 _RANK = (Outcome.DNS_INJECTION, Outcome.DNS_MISMATCH, Outcome.DNS_NXDOMAIN, Outcome.DNS_SERVFAIL,
          Outcome.DNS_TIMEOUT, Outcome.ERROR, Outcome.OK)
@@ -52,17 +50,20 @@ async def check_target(target: Target, deadline: Deadline, ctx: ProbeContext) ->
     plain = [r for r in resolvers if r.type in PLAIN and not r.control]
     seen, canaries, rewrites = await asyncio.gather(
         asyncio.gather(*(_look(r, target, ask_by, ctx) for r in resolvers)),
-        _ask_canaries(target, ask_by, ctx) if config.canaries and plain else _none(),
-        asyncio.gather(*(_nx_rewrite(r, ask_by, ctx) for r in resolvers)),
+        dns_checks.ask_canaries(target, ask_by, ctx) if config.canaries and plain else dns_checks.no_canaries(),
+        asyncio.gather(*(dns_checks.nx_rewrite(r, ask_by, ctx) for r in resolvers)),
     )
     judge = _Judge(target, ctx, deadline, list(seen), canaries)
     pairs = list(zip(seen, rewrites, strict=True))
-    # Controls first: their DNSSEC-validated answers are what an unsigned answer is held against.
-    first = await asyncio.gather(*(judge.verdict(s, rw) for s, rw in pairs if s.resolver.control))
-    rest = await asyncio.gather(*(judge.verdict(s, rw) for s, rw in pairs if not s.resolver.control))
+    try:
+        # Controls first: their DNSSEC-validated answers are what an unsigned answer is held against.
+        first = await asyncio.gather(*(judge.verdict(s, rw) for s, rw in pairs if s.resolver.control))
+        rest = await asyncio.gather(*(judge.verdict(s, rw) for s, rw in pairs if not s.resolver.control))
+    finally:
+        judge.close()
     by_name = {d.resolver: d for d in (*first, *rest)}
     results = tuple(by_name[r.name] for r in resolvers)
-    ctx.remember_dns(target.host, results, 2 * target.interval + target.timeout, judge.trusted)
+    ctx.remember_dns(target.host, results, 2 * target.interval + target.timeout, trusted_answers(results, config))
     return results
 
 
@@ -129,54 +130,6 @@ async def _look(resolver: Resolver, target: Target, deadline: Deadline, ctx: Pro
     return _Seen(resolver, found.server or label, found=found)
 
 
-@dataclass(frozen=True, slots=True)
-class _Canary:
-    address: str
-    replies: tuple[Reply, ...]  # to the target name
-    control: tuple[Reply, ...]  # to the control name: must be empty
-
-
-async def _ask_canaries(target: Target, deadline: Deadline, ctx: ProbeContext) -> tuple[_Canary, ...]:
-    wait = deadline.earlier(ctx.canary_wait)
-
-    async def one(address: str) -> _Canary:
-        asked, control = await asyncio.gather(
-            count_replies(address, target.host, dns.rdatatype.A, wait, port=ctx.canary_port,
-                          window=target.dns_reply_window),
-            count_replies(address, ctx.control_name, dns.rdatatype.A, wait, port=ctx.canary_port,
-                          window=target.dns_reply_window),
-        )
-        return _Canary(address, asked, control)
-
-    return tuple(await asyncio.gather(*(one(a) for a in ctx.config.canaries)))
-
-
-async def _none() -> tuple[_Canary, ...]:
-    return ()
-
-
-async def _nx_rewrite(resolver: Resolver, deadline: Deadline, ctx: ProbeContext) -> str | None:
-    """Return evidence that `resolver` answers a random name that cannot exist, or None (cached)."""
-    if resolver.control:
-        return None
-    now = asyncio.get_running_loop().time()
-    cached = ctx.nx_rewrites.get(resolver.name)
-    if cached is not None and cached[0] > now:
-        return cached[1]
-    name = f"probe-nx-{secrets.token_hex(6)}.{ctx.nxdomain_zone.rstrip('.')}"
-    try:  # absolute: the system resolver's search list must not add suffixes to it
-        found = await probe_dns.lookup(resolver, name + ".", deadline, ctx)
-    except LookupFailure as f:
-        if f.outcome in (Outcome.DNS_TIMEOUT, Outcome.ERROR):
-            return None  # nothing learnt: ask again next time
-        evidence = None
-    else:
-        evidence = (f"{found.server}: rewrites NXDOMAIN: the random name {name} answered {_list(found.answers)}; "
-                    f"its answers for names that do not exist are its own, not the target's")
-    ctx.nx_rewrites[resolver.name] = (now + NX_REWRITE_RECHECK, evidence)
-    return evidence
-
-
 # ---- judging -----------------------------------------------------------------------------
 
 
@@ -197,19 +150,19 @@ class _Verdict:
 
 class _Judge:
     def __init__(self, target: Target, ctx: ProbeContext, deadline: Deadline, seen: list[_Seen],
-                 canaries: tuple[_Canary, ...]) -> None:
+                 canaries: tuple[Canary, ...]) -> None:
         self.target, self.ctx, self.deadline = target, ctx, deadline
         self.controls = [s for s in seen if s.resolver.control]
         self.answered = [s for s in self.controls if s.found is not None]
         self.trusted = frozenset(a for s in self.answered if s.found for a in s.found.answers)
         self.control_nxdomain = [s for s in self.controls if s.failure and s.failure.outcome is Outcome.DNS_NXDOMAIN]
         self.canaries = canaries
-        self._tls: dict[str, asyncio.Task[TlsCheck]] = {}
+        self._tls: dict[str, asyncio.Task[dns_checks.TlsCheck]] = {}
         self._validated: dict[str, frozenset[str]] = {}  # control name -> its DNSSEC-validated answers
 
     def said(self) -> str:
         """Return what the controls answered: `198.51.100.20, 198.51.100.21 (cf-doh)`."""
-        return "; ".join(f"{_list(s.found.answers)} ({s.resolver.name})" for s in self.answered if s.found)
+        return "; ".join(f"{listed(s.found.answers)} ({s.resolver.name})" for s in self.answered if s.found)
 
     async def verdict(self, s: _Seen, rewrites: str | None) -> DnsResult:
         v = _Verdict()
@@ -240,18 +193,18 @@ class _Judge:
 
     # 1. reply counting
     def _count_replies(self, s: _Seen, v: _Verdict) -> None:
-        by_type: dict[str, list[Reply]] = {}
+        by_query: dict[tuple[str, str, str], list[Reply]] = {}
         for reply in s.received:
             if not reply.truncated:  # a TC reply says nothing yet; the TCP retry completes it
-                by_type.setdefault(reply.qtype, []).append(reply)
-        for qtype, replies in by_type.items():
+                by_query.setdefault(reply.query, []).append(reply)
+        for (_, qtype, _), replies in by_query.items():
             if len({r.says for r in replies}) > 1:
                 window = self.target.dns_reply_window * 1000
                 v.consistent = False
                 v.flag(Outcome.DNS_INJECTION,
                        f"{s.label}: {len(replies)} differing replies to one {qtype} query for {self.target.host} "
                        f"within {window:.0f} ms (the first is what a stub resolver uses): "
-                       + "; ".join(_reply(r) for r in replies))
+                       + "; ".join(described(r) for r in replies))
 
     async def _judge_answers(
         self, s: _Seen, found: Lookup, v: _Verdict, rewrites: str | None, authentic: bool
@@ -289,7 +242,7 @@ class _Judge:
                         v.consistent = False
                         unchecked = "" if self.answered else " (no control answer to clear them)"
                         v.flag(Outcome.DNS_INJECTION, f"{line}; the answers of {s.resolver.name} "
-                               f"({_list(found.answers)}) are not the control's{unchecked}")
+                               f"({listed(found.answers)}) are not the control's{unchecked}")
         if v.outcome is not Outcome.OK:
             return
         # 4. control comparison, with a TLS check of an answer the controls do not give
@@ -297,7 +250,7 @@ class _Judge:
             if shared:
                 v.consistent = True
                 return
-            v.note(f"{s.label}: answers {_list(found.answers)} for {host} share nothing with the control answers "
+            v.note(f"{s.label}: answers {listed(found.answers)} for {host} share nothing with the control answers "
                    f"{self.said()}")
             if authentic:  # signed by the zone: a GeoDNS answer, whatever the controls got
                 v.consistent = True
@@ -306,10 +259,10 @@ class _Judge:
             names = ", ".join(c.resolver.name for c in self.control_nxdomain)
             if rewrites is not None:
                 v.consistent = False
-                v.flag(Outcome.DNS_NXDOMAIN, f"{s.label}: answered {_list(found.answers)} for {host}, which does "
+                v.flag(Outcome.DNS_NXDOMAIN, f"{s.label}: answered {listed(found.answers)} for {host}, which does "
                        f"not exist (the control {names} says NXDOMAIN): this resolver rewrites NXDOMAIN")
                 return
-            v.note(f"{s.label}: answered {_list(found.answers)} for {host}, while the control {names} says NXDOMAIN")
+            v.note(f"{s.label}: answered {listed(found.answers)} for {host}, while the control {names} says NXDOMAIN")
         else:
             return  # no control answer: consistency unknown
         check = await self._tls_check(found.answers[0])
@@ -371,59 +324,24 @@ class _Judge:
 
     # ---- helpers ----
 
-    def _canary_line(self, canary: _Canary) -> str:
+    def _canary_line(self, canary: Canary) -> str:
         port = self.ctx.canary_port
         return (f"canary {canary.address}:{port} runs no DNS server, yet the A query for {self.target.host} sent "
-                f"there was answered: " + "; ".join(_reply(r) for r in canary.replies) + ": injected on the path")
+                f"there was answered: " + "; ".join(described(r) for r in canary.replies) + ": injected on the path")
 
-    def _misconfigured(self, canary: _Canary) -> str:
+    def _misconfigured(self, canary: Canary) -> str:
         return (f"canary {canary.address}:{self.ctx.canary_port} answered the control name {self.ctx.control_name} "
-                f"too ({'; '.join(_reply(r) for r in canary.control)}): it is misconfigured (something there "
+                f"too ({'; '.join(described(r) for r in canary.control)}): it is misconfigured (something there "
                 f"answers DNS), so its replies are not counted as injection")
 
-    async def _tls_check(self, address: str) -> TlsCheck:
+    async def _tls_check(self, address: str) -> dns_checks.TlsCheck:
+        """Check each address once, however many resolvers gave it."""
         if address not in self._tls:
-            self._tls[address] = asyncio.ensure_future(tls_check(address, self.target, self.deadline, self.ctx))
+            check = dns_checks.tls_check(address, self.target, self.deadline, self.ctx)
+            self._tls[address] = asyncio.ensure_future(check)
         return await asyncio.shield(self._tls[address])
 
-
-@dataclass(frozen=True, slots=True)
-class TlsCheck:
-    """What the TLS check of one answered address found."""
-
-    valid: bool  # the handshake completed with a certificate valid for the target's name
-    reached: bool  # a TLS server answered at all (a certificate was presented, valid or not)
-    evidence: str  # `127.0.0.4:443 with SNI x: certificate rejected (...)`
-
-
-async def tls_check(address: str, target: Target, deadline: Deadline, ctx: ProbeContext) -> TlsCheck:
-    """Connect to `address` with the target's SNI (port 443 for targets without TLS) and verify the certificate."""
-    port = target.port if target.uses_tls else 443
-    peer = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-    what = f"{peer} with SNI {target.sni}"
-    timeout = min(ctx.tls_check_timeout, deadline.remaining())
-    try:
-        async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(
-                address, port, ssl=ctx.tls.verifying(target.ca_file), server_hostname=target.sni
-            )
-    except ssl.SSLCertVerificationError as e:
-        return TlsCheck(False, True, f"{what}: certificate rejected ({e.verify_message})")
-    except TimeoutError:
-        return TlsCheck(False, False, f"{what}: no completed TLS handshake within {timeout:.1f} s")
-    except ssl.SSLError as e:
-        return TlsCheck(False, False, f"{what}: TLS handshake failed ({e.reason or e})")
-    except OSError as e:
-        return TlsCheck(False, False, f"{what}: unreachable ({os.strerror(e.errno) if e.errno else e})")
-    writer.transport.abort()
-    return TlsCheck(True, True, f"{what}: certificate valid for {target.sni}")
-
-
-def _list(addresses: Sequence[str]) -> str:
-    return ", ".join(addresses) if addresses else "nothing"
-
-
-def _reply(r: Reply) -> str:
-    """Return `203.0.113.66 (TTL 60) from 127.0.0.1 after 1 ms`."""
-    ttl = f" (TTL {r.ttl})" if r.ttl is not None else ""
-    return f"{r.shows()}{ttl} from {r.source} after {r.after * 1000:.0f} ms"
+    def close(self) -> None:
+        """Cancel TLS checks still running (the check itself was cancelled)."""
+        for task in self._tls.values():
+            task.cancel()

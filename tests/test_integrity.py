@@ -77,8 +77,10 @@ async def make(tmp_path: Path) -> AsyncIterator[Make]:
         routes: Sequence[Route] = (),
         targets: Sequence[Target] = (),
         trust_anchors: tuple[dns.rrset.RRset, ...] = (),
+        resolv_conf: str = "nameserver 127.0.0.1\n",
+        system_port: int | None = None,
     ) -> ProbeContext:
-        (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        (tmp_path / "resolv.conf").write_text(resolv_conf)
         (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
         config = Config(
             vantage="test", listen="127.0.0.1:0", resolvers=resolvers, routes=(DIRECT_ROUTE, *routes),
@@ -87,7 +89,7 @@ async def make(tmp_path: Path) -> AsyncIterator[Make]:
         ctx = ProbeContext(
             config, resolv_conf=str(tmp_path / "resolv.conf"), hosts_file=str(tmp_path / "hosts"),
             canary_port=canary_port, canary_wait=0.5, tls_check_timeout=1.0, trust_anchors=trust_anchors,
-            system_dns_port=closed_port(),  # the system resolver asks no real DNS server
+            system_dns_port=system_port or closed_port(),  # by default the system resolver asks no real server
         )
         made.append(ctx)
         return ctx
@@ -193,6 +195,16 @@ async def test_truncated_reply_retried_over_tcp_counts_once_per_type(make: Make)
         results = await check(make(isp.resolver("isp")), target("isp"))
     assert (results["isp"].outcome, results["isp"].replies) == (Outcome.OK, 2)
     assert ("tcp", NAME, "A") in isp.queries
+
+
+async def test_system_resolver_moving_on_to_its_next_nameserver_is_not_injection(make: Make) -> None:
+    async with DnsServer(servfail()) as broken, DnsServer(CONTROL, host="127.0.0.2", port=broken.port):
+        ctx = make(Resolver("system", ResolverType.SYSTEM), resolv_conf="nameserver 127.0.0.1\nnameserver 127.0.0.2\n",
+                   system_port=broken.port)
+        results = await check(ctx, target("system"))
+    r = results["system"]
+    assert (r.outcome, r.replies, set(r.answers)) == (Outcome.OK, 4, set(REAL))
+    assert r.evidence == (f"system (127.0.0.1:{broken.port}/udp): SERVFAIL for {NAME} A and AAAA",)
 
 
 # ---- 2. canaries -----------------------------------------------------------------------------
