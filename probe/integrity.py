@@ -82,9 +82,10 @@ def with_dns_verdict(result: ProbeResult, target: Target, route: Route, checks: 
         return result
     if result.outcome in _FAILED_HERE or not untrusted((result.address,), verdict, trusted_answers(checks, config)):
         return result
-    then = f"the probe connected to {result.address} from {verdict.resolver}'s answers: {result.outcome}"
+    then = (f"{verdict.resolver} answered {result.address} for {target.host}, which the DNS check of this round "
+            f"judged {verdict.outcome}; connecting to it gave {result.outcome}")
     return dataclasses.replace(
-        result, outcome=verdict.outcome, evidence=(*verdict.evidence, then, *result.evidence),
+        result, outcome=verdict.outcome, evidence=(*verdict.evidence, *result.evidence, then),
         error=result.error or verdict.error,
     )
 
