@@ -269,12 +269,12 @@ class _Judge:
         check = await self._tls_check(found.answers[0])
         if check.valid:
             v.consistent = True
-            v.note(f"TLS check of {check.evidence}: a CDN or GeoDNS answer, not a forged one")
+            v.note(f"{s.label}: TLS check of {check.evidence}: a CDN or GeoDNS answer, not a forged one")
         elif check.reached or self.target.uses_tls:
             v.consistent = False
-            v.flag(Outcome.DNS_MISMATCH, f"TLS check of {check.evidence}")
+            v.flag(Outcome.DNS_MISMATCH, f"{s.label}: TLS check of {check.evidence}")
         else:  # a target without TLS need not serve TLS on 443 at its genuine addresses either
-            v.note(f"TLS check of {check.evidence}: inconclusive for a target without TLS")
+            v.note(f"{s.label}: TLS check of {check.evidence}: inconclusive for a target without TLS")
 
     # 5. failure classes against the control
     def _judge_failure(self, s: _Seen, v: _Verdict) -> None:

@@ -319,8 +319,8 @@ async def test_cdn_answer_with_a_valid_certificate_is_ok_and_consistent(
     assert r.evidence == (
         f"{udp(geo, 'geo')}: answers 127.0.0.2 for {NAME} share nothing with the control answers "
         f"{', '.join(REAL)} (cf-doh)",
-        f"TLS check of 127.0.0.2:{port} with SNI {NAME}: certificate valid for {NAME}: a CDN or GeoDNS answer, "
-        f"not a forged one",
+        f"{udp(geo, 'geo')}: TLS check of 127.0.0.2:{port} with SNI {NAME}: certificate valid for {NAME}: "
+        f"a CDN or GeoDNS answer, not a forged one",
     )
 
 
@@ -341,9 +341,10 @@ async def test_divergent_answer_failing_the_tls_check_is_mismatch(
     assert r.evidence[0] == (f"{udp(isp, 'isp')}: answers {address} for {NAME} share nothing with the control "
                              f"answers {', '.join(REAL)} (cf-doh)")
     expected = {
-        "wrong-name": f"TLS check of 127.0.0.4:{port} with SNI {NAME}: certificate rejected (Hostname mismatch, "
-                      f"certificate is not valid for '{NAME}'.)",
-        "nothing-listening": f"TLS check of 127.0.0.5:{port} with SNI {NAME}: unreachable (Connection refused)",
+        "wrong-name": f"{udp(isp, 'isp')}: TLS check of 127.0.0.4:{port} with SNI {NAME}: certificate rejected "
+                      f"(Hostname mismatch, certificate is not valid for '{NAME}'.)",
+        "nothing-listening": f"{udp(isp, 'isp')}: TLS check of 127.0.0.5:{port} with SNI {NAME}: unreachable "
+                             f"(Connection refused)",
     }
     assert r.evidence[1] == expected[server]
 
@@ -357,8 +358,8 @@ async def test_target_without_tls_unreachable_on_443_is_inconclusive_not_mismatc
         results = await check(ctx, plain)
     r = results["isp"]
     assert (r.outcome, r.consistent) == (Outcome.OK, None)
-    assert r.evidence[-1] == (f"TLS check of 127.0.0.5:443 with SNI {NAME}: unreachable (Connection refused): "
-                              f"inconclusive for a target without TLS")
+    assert r.evidence[-1] == (f"{udp(isp, 'isp')}: TLS check of 127.0.0.5:443 with SNI {NAME}: unreachable "
+                              f"(Connection refused): inconclusive for a target without TLS")
 
 
 async def test_hosts_file_pin_is_local_config_not_forgery(make: Make, ca: trustme.CA, ca_file: str,
