@@ -281,6 +281,10 @@ class _Judge:
         assert s.failure is not None
         if s.resolver.control:
             return
+        if s.resolver.type in PLAIN:  # no answer to taint, but the path's behaviour is worth knowing
+            for canary in self.canaries:
+                if canary.control or canary.replies:
+                    v.note(self._misconfigured(canary) if canary.control else self._canary_line(canary))
         if self.answered:
             v.consistent = False
             v.note(f"{s.label}: {s.failure.outcome} for {self.target.host}, while the control answered {self.said()}")

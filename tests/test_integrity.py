@@ -230,6 +230,19 @@ async def test_a_canary_that_answers_is_injection_for_plain_resolvers(make: Make
     assert ("udp", "example.com", "A") in canary.queries  # the control name was asked too
 
 
+async def test_a_canary_answer_is_noted_beside_a_resolver_failure(make: Make) -> None:
+    async with (
+        DnsServer(only_for([NAME], answer({NAME: [FORGED]})), host="127.0.0.53") as canary,
+        DnsServer(silent()) as isp,
+    ):
+        ctx = make(isp.resolver("isp"), canaries=["127.0.0.53"], canary_port=canary.port)
+        results = await check(ctx, target("isp"), within=1.5)
+    r = results["isp"]
+    assert r.outcome is Outcome.DNS_TIMEOUT  # the failure class stands; the canary line says why it may be
+    assert r.evidence[0].startswith(f"{udp(isp, 'isp')}: no reply within")
+    assert r.evidence[1].startswith(f"canary 127.0.0.53:{canary.port} runs no DNS server, yet the A query for {NAME}")
+
+
 async def test_a_canary_answering_the_control_name_is_misconfigured_not_injection(make: Make) -> None:
     async with (
         DnsServer(answer({NAME: [FORGED], "example.com": ["127.0.0.9"]}), host="127.0.0.53") as canary,
