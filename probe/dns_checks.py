@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import dns.rdatatype
 
 from probe import dns as probe_dns
+from probe.classify import describe
 from probe.config import Resolver, Target
 from probe.context import ProbeContext
 from probe.dns import LookupFailure
@@ -26,6 +27,7 @@ class Canary:
     address: str
     replies: tuple[Reply, ...]  # to the target name
     control: tuple[Reply, ...]  # to the control name: must be empty
+    problem: str | None = None  # the canary could not be asked at all (no route to it, a local fault)
 
 
 async def ask_canaries(target: Target, deadline: Deadline, ctx: ProbeContext) -> tuple[Canary, ...]:
@@ -33,12 +35,15 @@ async def ask_canaries(target: Target, deadline: Deadline, ctx: ProbeContext) ->
     wait = deadline.earlier(ctx.canary_wait)
 
     async def one(address: str) -> Canary:
-        asked, control = await asyncio.gather(
-            count_replies(address, target.host, dns.rdatatype.A, wait, port=ctx.canary_port,
-                          window=target.dns_reply_window),
-            count_replies(address, ctx.control_name, dns.rdatatype.A, wait, port=ctx.canary_port,
-                          window=target.dns_reply_window),
-        )
+        try:
+            asked, control = await asyncio.gather(
+                count_replies(address, target.host, dns.rdatatype.A, wait, port=ctx.canary_port,
+                              window=target.dns_reply_window),
+                count_replies(address, ctx.control_name, dns.rdatatype.A, wait, port=ctx.canary_port,
+                              window=target.dns_reply_window),
+            )
+        except OSError as e:  # e.g. an IPv6 canary from a host without IPv6
+            return Canary(address, (), (), f"canary {address}:{ctx.canary_port} could not be asked ({describe(e)})")
         return Canary(address, asked, control)
 
     return tuple(await asyncio.gather(*(one(a) for a in ctx.config.canaries)))

@@ -233,7 +233,9 @@ class _Judge:
         # 2. canaries: the path answers queries for this name that no server should answer
         if s.resolver.type in PLAIN:
             for canary in self.canaries:
-                if canary.control:
+                if canary.problem:
+                    v.note(canary.problem)
+                elif canary.control:
                     v.note(self._misconfigured(canary))
                 elif canary.replies:
                     line = self._canary_line(canary)

@@ -268,6 +268,18 @@ async def test_a_silent_canary_accuses_nobody(make: Make) -> None:
     assert ("udp", NAME, "A") in canary.queries
 
 
+async def test_a_canary_that_cannot_be_asked_is_noted(make: Make) -> None:
+    async with DnsServer(CONTROL) as isp:
+        # A UDP socket may not be connected to the broadcast address without SO_BROADCAST: nothing is sent.
+        ctx = make(isp.resolver("isp"), canaries=["255.255.255.255"])
+        results = await check(ctx, target("isp"))
+    r = results["isp"]
+    assert r.outcome is Outcome.OK
+    assert r.evidence == (
+        "canary 255.255.255.255:53 could not be asked (PermissionError: [Errno 13] Permission denied)",
+    )
+
+
 def _ms(line: str) -> str:
     return line.split(" after ")[1].split(" ms")[0]
 
