@@ -59,9 +59,7 @@ class Validator:
         if not data:
             raise Unsigned("no records to validate")
         for rrset in data:
-            sigs = message.find_rrset(
-                message.answer, rrset.name, rrset.rdclass, dns.rdatatype.RRSIG, rrset.rdtype, create=True
-            )
+            sigs = _rrset(message, rrset.name, dns.rdatatype.RRSIG, rrset.rdtype)
             what = f"{rrset.name.to_text()} {dns.rdatatype.to_text(rrset.rdtype)}"
             if not sigs:
                 raise Unsigned(f"{what} carries no RRSIG")

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import dns.message
+import dns.rdatatype
 import dns.rrset
 import pytest
 import trustme
@@ -30,6 +32,7 @@ from tests.dnsserver import (
     Behaviour,
     DnsServer,
     SignedZones,
+    Transport,
     answer,
     delayed,
     nxdomain,
@@ -515,6 +518,21 @@ async def test_dnssec_signed_regional_answer_is_authentic_without_a_tls_check(zo
     assert r.evidence[-1] == (f"{udp(isp, 'isp')}: answers 127.0.0.30 for {NAME} share nothing with the control "
                               f"answers 127.0.0.20, 2001:db8::20 (q9)")
     assert not any("TLS check" in e for e in r.evidence)
+
+
+async def test_dnssec_chain_that_cannot_be_fetched_is_noted_not_injection(zones: SignedZones, make: Make) -> None:
+    signed = zones.behaviour()
+
+    async def no_keys(query: dns.message.Message, transport: Transport) -> Sequence[bytes | float]:
+        return [] if query.question[0].rdtype == dns.rdatatype.DNSKEY else await signed(query, transport)
+
+    async with DnsServer(no_keys) as isp:
+        ctx = make(isp.resolver("isp"), bogons=[], trust_anchors=(zones.anchor("example"),))
+        results = await check(ctx, target("isp", dnssec=True), within=1.5)
+    r = results["isp"]
+    assert r.outcome is Outcome.OK
+    assert r.evidence[0].startswith(f"{udp(isp, 'isp')}: DNSSEC: the A answer for {NAME} could not be validated: "
+                                    f"cannot fetch storage.example. DNSKEY: {udp(isp, 'isp')}: no reply within ")
 
 
 async def test_dnssec_with_an_anchor_that_does_not_match_is_injection(zones: SignedZones, make: Make) -> None:
