@@ -184,8 +184,13 @@ async def test_reply_window_is_bounded_by_its_setting(make: Make) -> None:
 )
 async def test_honest_resolvers_are_ok_and_consistent(behaviour: Behaviour, replies: int, make: Make,
                                                       ca: trustme.CA, ca_file: str) -> None:
-    async with DnsServer(behaviour) as isp, DnsServer(CONTROL, tls=ca) as control:
-        ctx = make(isp.resolver("isp"), doh_control(control, ca_file))
+    async with (
+        DnsServer(behaviour) as isp,
+        DnsServer(CONTROL, tls=ca) as control,
+        DnsServer(silent(), host="127.0.0.53") as canary,  # every method is on: a canary too
+    ):
+        ctx = make(isp.resolver("isp"), doh_control(control, ca_file), canaries=["127.0.0.53"],
+                   canary_port=canary.port)
         results = await check(ctx, target("isp", "cf-doh"))
     r = results["isp"]
     assert (r.outcome, r.consistent, r.evidence) == (Outcome.OK, True, ())
@@ -340,8 +345,10 @@ async def test_cdn_answer_with_a_valid_certificate_is_ok_and_consistent(
         tls_server(ca, "127.0.0.2", NAME) as port,
         DnsServer(answer({NAME: ["127.0.0.2"]})) as geo,
         DnsServer(CONTROL, tls=ca) as control,
+        DnsServer(silent(), host="127.0.0.53") as canary,
     ):
-        ctx = make(geo.resolver("geo"), doh_control(control, ca_file), bogons=[])
+        ctx = make(geo.resolver("geo"), doh_control(control, ca_file), bogons=[], canaries=["127.0.0.53"],
+                   canary_port=canary.port)
         results = await check(ctx, target("geo", "cf-doh", port=port, ca_file=ca_file))
     r = results["geo"]
     assert (r.outcome, r.consistent) == (Outcome.OK, True)
