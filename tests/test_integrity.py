@@ -8,11 +8,13 @@ set never reach the TLS check, which is skipped once an answer is known forged.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import dns.message
 import dns.rdatatype
@@ -21,7 +23,7 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from probe import integrity, metrics
+from probe import dns_checks, integrity, metrics
 from probe.config import DIRECT_ROUTE, Config, Resolver, ResolverType, Route, Target, TargetKind
 from probe.context import ProbeContext
 from probe.models import Deadline, DnsResult, Outcome
@@ -50,6 +52,18 @@ NAME = "hk.storage.example"
 REAL = ("198.51.100.20", "198.51.100.21")  # the controls' answer; nothing ever connects to it
 FORGED = "203.0.113.66"
 GENEROUS = 1.5
+
+
+@pytest.fixture(autouse=True)
+def _tls_checks_stay_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail a test whose TLS check would leave the machine (the real check runs otherwise)."""
+    real = dns_checks.tls_check
+
+    async def guarded(address: str, *args: Any) -> dns_checks.TlsCheck:
+        assert ipaddress.ip_address(address).is_loopback, f"a TLS check to {address} would leave the machine"
+        return await real(address, *args)
+
+    monkeypatch.setattr(dns_checks, "tls_check", guarded)
 
 
 @pytest.fixture(scope="module")
