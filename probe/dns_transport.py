@@ -82,6 +82,7 @@ class Reply:
     ttl: int | None = None  # of the address records
     truncated: bool = False
     qname: str = ""  # the name asked, lower case, no final dot
+    misfits: tuple[str, ...] = ()  # addresses of the other type (A records in an AAAA reply): no server sends them
 
     @property
     def query(self) -> tuple[str, str, str]:
@@ -206,7 +207,13 @@ def reply_of(
         if chain is not None and chain.answer is not None and chain.answer.rdtype in _ADDRESS_TYPES:
             answers = tuple(str(ipaddress.ip_address(rd.to_text())) for rd in chain.answer)
             ttl = chain.answer.ttl
-    return Reply(qtype, transport, source, after, dns.rcode.to_text(message.rcode()), answers, ttl, truncated, qname)
+    asked = query.question[0].rdtype
+    misfits = tuple(
+        str(ipaddress.ip_address(rd.to_text()))
+        for rrset in message.answer if rrset.rdtype in _ADDRESS_TYPES and rrset.rdtype != asked for rd in rrset
+    )
+    rcode = dns.rcode.to_text(message.rcode())
+    return Reply(qtype, transport, source, after, rcode, answers, ttl, truncated, qname, misfits)
 
 
 def os_failure(e: OSError) -> QueryFailed:

@@ -198,6 +198,14 @@ class _Judge:
         for reply in s.received:
             if not reply.truncated:  # a TC reply says nothing yet; the TCP retry completes it
                 by_query.setdefault(reply.query, []).append(reply)
+        for reply in s.received:
+            if reply.misfits:
+                other = "AAAA" if reply.qtype == "A" else "A"
+                v.consistent = False
+                v.flag(Outcome.DNS_INJECTION,
+                       f"{s.label}: the {reply.qtype} reply for {self.target.host} carries {other} records "
+                       f"{listed(reply.misfits)} (from {reply.source} after {reply.after * 1000:.0f} ms): no DNS "
+                       f"server answers that way, a known injector's mistake")
         for (_, qtype, _), replies in by_query.items():
             if len({r.says for r in replies}) > 1:
                 window = self.target.dns_reply_window * 1000

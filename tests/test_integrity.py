@@ -176,6 +176,25 @@ async def test_two_differing_replies_to_one_query_are_injection(make: Make) -> N
     assert line.index(FORGED) < line.index(REAL[0])  # in arrival order
 
 
+async def test_an_aaaa_reply_carrying_an_a_record_is_injection_even_alone(make: Make) -> None:
+    zone = answer({NAME: REAL})
+
+    async def aaaa_as_a(query: dns.message.Message, transport: Transport) -> Sequence[bytes | float]:
+        if query.question[0].rdtype != dns.rdatatype.AAAA:
+            return await zone(query, transport)
+        reply = dns.message.make_response(query)  # the only reply: the genuine one was dropped
+        reply.answer.append(dns.rrset.from_text(query.question[0].name, 60, "IN", "A", FORGED))
+        return [reply.to_wire()]
+
+    async with DnsServer(aaaa_as_a) as poisoned:
+        results = await check(make(poisoned.resolver("ali")), target("ali"))
+    r = results["ali"]
+    assert (r.outcome, r.consistent, r.replies) == (Outcome.DNS_INJECTION, False, 2)
+    assert r.evidence[0].startswith(f"{udp(poisoned, 'ali')}: the AAAA reply for {NAME} carries A records "
+                                    f"{FORGED} (from 127.0.0.1 after ")
+    assert r.evidence[0].endswith(" ms): no DNS server answers that way, a known injector's mistake")
+
+
 async def test_reply_window_is_bounded_by_its_setting(make: Make) -> None:
     async with DnsServer(racing(answer({NAME: [FORGED]}), answer({NAME: REAL}), gap=0.5)) as raced:
         ali = raced.resolver("ali")
