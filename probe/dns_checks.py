@@ -16,7 +16,7 @@ from probe.classify import describe
 from probe.config import Resolver, Target
 from probe.context import ProbeContext
 from probe.dns import LookupFailure
-from probe.dns_transport import Reply, count_replies
+from probe.dns_transport import QueryFailed, Reply, count_replies
 from probe.models import Deadline, Outcome
 
 NX_REWRITE_RECHECK = 600.0  # seconds: whether a resolver rewrites NXDOMAIN is a property of the resolver
@@ -44,6 +44,8 @@ async def ask_canaries(target: Target, deadline: Deadline, ctx: ProbeContext) ->
             )
         except OSError as e:  # e.g. an IPv6 canary from a host without IPv6
             return Canary(address, (), (), f"canary {address}:{ctx.canary_port} could not be asked ({describe(e)})")
+        except QueryFailed as e:  # not a name DNS can carry
+            return Canary(address, (), (), f"canary {address}:{ctx.canary_port} could not be asked ({e.what})")
         return Canary(address, asked, control)
 
     return tuple(await asyncio.gather(*(one(a) for a in ctx.config.canaries)))
