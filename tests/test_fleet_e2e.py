@@ -414,3 +414,50 @@ async def check_dashboards(central: Central, start: float) -> None:
                         empty.append((path.name, panel["title"], label, expr))
     assert count > 60
     assert empty == [], "\n".join(map(str, empty))
+
+
+async def test_prometheus_driven_probes_through_the_on_demand_scrape_config(tmp_path: Path) -> None:
+    """deploy/prometheus/on-demand.yml scrapes /probe?target=NAME: configured names only, probed per scrape."""
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "scripts/test installs prometheus"
+    pki = Pki(tmp_path)
+    procs = Processes(tmp_path)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(procs.stop)
+        https_port = await stack.enter_async_context(aiohttp_server(healthy_app(), pki.server_context()))
+        dns = await stack.enter_async_context(DnsServer(answer({"localhost": ["127.0.0.1"]})))
+        session = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)))
+        config = probe_config(HEALTHY_VANTAGE, https_port, https_port, pki.ca_file, dns.port)
+        config["defaults"]["interval"] = "1h"  # its own schedule stays out of the way: Prometheus decides
+        probe = await start_probe(procs, "probe", write_yaml(tmp_path / "targets.yml", config))
+
+        cfg: dict[str, Any] = yaml.safe_load((DEPLOY / "prometheus" / "on-demand.yml").read_text())
+        cfg["global"].update(scrape_interval="1s", scrape_timeout="1s")
+        (job,) = cfg["scrape_configs"]
+        job["static_configs"] = [{"targets": ["api", "not-configured"]}]
+        job["relabel_configs"][-1]["replacement"] = probe
+        write_yaml(tmp_path / "prometheus.yml", cfg)
+        address = f"127.0.0.1:{free_port()}"
+        await procs.start("prometheus", prometheus, "--config.file=prometheus.yml",
+                          f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={address}")
+        await wait_for("Prometheus ready", lambda: ready(session, f"http://{address}/-/ready"), procs)
+        central = Central(session, address)
+
+        async def scraped_twice() -> bool:
+            result = await central.query(
+                'count_over_time(probe_last_run_timestamp_seconds{job="probe-on-demand",instance="api"}[1m])')
+            return len(result) == len(ROUTES) and all(float(r["value"][1]) >= 2 for r in result)
+
+        await wait_for("two on-demand scrapes of api", scraped_twice, procs)
+        ok = await central.query('probe_success{job="probe-on-demand",instance="api"}')
+        assert {r["metric"]["route"] for r in ok} == set(ROUTES)
+        assert all(r["metric"]["vantage"] == HEALTHY_VANTAGE and r["value"][1] == "1" for r in ok)
+        # each scrape runs the probe now: the finish times move from one scrape to the next
+        moved = await central.query(
+            'changes(probe_last_run_timestamp_seconds{job="probe-on-demand",instance="api"}[1m])')
+        assert all(float(r["value"][1]) >= 1 for r in moved)
+        # a name that is not in targets.yml is refused (404), so the scrape fails: no open proxy
+        targets = (await central.get("/api/v1/targets"))["activeTargets"]
+        refused = next(t for t in targets if t["labels"]["instance"] == "not-configured")
+        assert refused["health"] == "down" and "404" in refused["lastError"], refused
+        assert not await central.query('probe_success{instance="not-configured"}')
