@@ -33,6 +33,7 @@ from probe.models import Outcome, Phase
 OUT = Path(__file__).resolve().parent.parent / "grafana" / "dashboards"
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 PAIR = 'vantage=~"$vantage",target=~"$target",route=~"$route"'
+TARGET = 'vantage=~"$vantage",target=~"$target"'  # the recommendation is over all routes of a target
 DNS = 'vantage=~"$vantage",target=~"$target",resolver=~"$resolver"'
 TAGS = ["probe"]
 
@@ -434,15 +435,15 @@ def routes() -> db.Dashboard:
         board = board.with_variable(v)
     board = board.with_panel(
         table.Panel().title("Recommended route now (rank 1)").datasource(DS)
-        .description("What storage clients following GET /api/routes use now, per vantage and target.")
-        .with_target(q(f"max by (vantage, target, route) (probe_route_rank{{{PAIR}}}) == 1",
-                       instant=True, table_format=True, ref="A"))
-        .with_target(q(f"max by (vantage, target, route) (probe_route_score{{{PAIR}}})",
-                       instant=True, table_format=True, ref="B"))
-        .with_transformation(transform("joinByField", byField="route", mode="inner"))
-        .with_transformation(transform("merge"))
-        .with_transformation(transform("organize", excludeByName={"Time": True, "Value #A": True},
-                                       renameByName={"Value #B": "score", "route": "recommended route"}))
+        .description("What storage clients following GET /api/routes use now, per vantage and target, "
+                     "over all routes of the target (the route variable does not narrow it).")
+        .with_target(q(
+            f"max by (vantage, target, route) (probe_route_score{{{TARGET}}}) and on (vantage, target, route) "
+            f"(max by (vantage, target, route) (probe_route_rank{{{TARGET}}}) == 1)",
+            instant=True, table_format=True,
+        ))
+        .with_transformation(transform("organize", excludeByName={"Time": True},
+                                       renameByName={"Value": "score", "route": "recommended route"}))
         .height(8).span(12)
     )
     board = board.with_panel(
@@ -458,7 +459,7 @@ def routes() -> db.Dashboard:
     )
     board = board.with_panel(
         statetimeline.Panel().title("Recommended route over time").datasource(DS)
-        .with_target(q(f"max by (vantage, target, route) (probe_route_rank{{{PAIR}}}) == 1",
+        .with_target(q(f"max by (vantage, target, route) (probe_route_rank{{{TARGET}}}) == 1",
                        "{{vantage}} {{target}}: {{route}}"))
         .merge_values(True).show_value(common.VisibilityMode.AUTO)
         .height(8).span(24)
