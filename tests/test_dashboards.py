@@ -133,3 +133,32 @@ def test_variable_queries_narrow_by_the_variables_before_them() -> None:
             for later in ("target", "route", "resolver"):
                 assert f"${later}" not in str(var.get("query", "")) or later in names
             names.append(var["name"])
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.stem)
+def test_committed_json_decodes_into_the_sdk_schema_without_losing_anything(path: Path) -> None:
+    """Every panel, query and option decodes into the SDK's typed models: nothing unknown is dropped.
+
+    Decoding may add the panel plugin's defaults (e.g. `custom.lineWidth`), so the check is that the
+    committed document is contained in the re-encoded one.
+    """
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    def contained(small: Any, big: Any, where: str) -> None:
+        if isinstance(small, dict):
+            assert isinstance(big, dict), where
+            for key, value in small.items():
+                assert key in big, f"{where}/{key} lost in decoding"
+                contained(value, big[key], f"{where}/{key}")
+        elif isinstance(small, list):
+            assert isinstance(big, list) and len(big) == len(small), where
+            for i, (a, b) in enumerate(zip(small, big, strict=True)):
+                contained(a, b, f"{where}[{i}]")
+        else:
+            assert small == big, f"{where}: {small!r} became {big!r}"
+
+    register_default_plugins()
+    doc = load(path)
+    contained(doc, json.loads(JSONEncoder().encode(Dashboard.from_json(doc))), path.name)
