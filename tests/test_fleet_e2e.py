@@ -173,6 +173,7 @@ def probe_config(vantage: str, storage_port: int, api_port: int, ca_file: Path, 
             "url": f"https://localhost:{port}/ping",
             "expect": {"status": [200], "body_contains": "pong"},
             "routes": list(ROUTES),
+            "group": "blobs",  # two endpoints of the same content: the group ranking picks one
             "download": {"url": f"https://localhost:{port}/blob", "min_bytes_per_second": 1000},
         }
 

@@ -447,6 +447,19 @@ def routes() -> db.Dashboard:
         .height(8).span(12)
     )
     board = board.with_panel(
+        table.Panel().title("Recommended endpoint per group (targets with a `group`)").datasource(DS)
+        .description("For endpoints serving the same content (mirrors, regions): the (target, route) ranked 1 "
+                     "in each group that holds a selected target, as in GET /api/routes `groups`.")
+        .with_target(q(
+            'max by (vantage, group, target, route) (probe_group_rank{vantage=~"$vantage"}) == 1 '
+            f"and on (vantage, group) max by (vantage, group) (probe_group_rank{{{TARGET}}})",
+            instant=True, table_format=True,
+        ))
+        .with_transformation(transform("organize", excludeByName={"Time": True, "Value": True},
+                                       renameByName={"target": "use target", "route": "over route"}))
+        .height(8).span(12)
+    )
+    board = board.with_panel(
         table.Panel().title("Availability over the time range per route").datasource(DS)
         .with_target(q(f"avg by (vantage, target, route) (avg_over_time(probe_success{{{PAIR}}}[$__range]))",
                        instant=True, table_format=True))
@@ -462,7 +475,7 @@ def routes() -> db.Dashboard:
         .with_target(q(f"max by (vantage, target, route) (probe_route_rank{{{TARGET}}}) == 1",
                        "{{vantage}} {{target}}: {{route}}"))
         .merge_values(True).show_value(common.VisibilityMode.AUTO)
-        .height(8).span(24)
+        .height(8).span(12)
     )
     board = board.with_panel(
         timeseries.Panel().title("Route score (lower is better)").datasource(DS)
