@@ -259,6 +259,27 @@ async def ready(session: aiohttp.ClientSession, url: str) -> bool:
         return False
 
 
+async def start_server(
+    procs: Processes, session: aiohttp.ClientSession, name: str, argv: Callable[[str], list[str | Path]]
+) -> str:
+    """Start a Prometheus or Alertmanager on a free port (`argv(address)`), ready; return its address.
+
+    A port found free can be taken by someone else before the server binds it: then try another.
+    """
+    for _ in range(3):
+        address = f"127.0.0.1:{free_port()}"
+        await procs.start(name, *argv(address))
+        proc = procs.procs[name]
+        deadline = time.monotonic() + 30
+        while proc.returncode is None and time.monotonic() < deadline:
+            if await ready(session, f"http://{address}/-/ready"):
+                return address
+            await asyncio.sleep(0.2)
+        if proc.returncode is None or "address already in use" not in procs.log(name):
+            break
+    raise AssertionError(f"{name} did not become ready\n{procs.tails()}")
+
+
 async def start_probe(procs: Processes, name: str, config: Path) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PROBE_VANTAGE"}
     await procs.start(name, sys.executable, "-m", "probe", "run", "-c", config, "--listen", "127.0.0.1:0", env=env)
@@ -294,25 +315,22 @@ async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Relay, Webhook, Central, 
                              probe_config(vantage, storage_port, https_port, pki.ca_file, dns.port))
             probes[vantage] = await start_probe(procs, f"probe-{vantage}", cfg)
 
-        am, central = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         write_yaml(tmp_path / "alertmanager.yml", alertmanager_config(f"http://127.0.0.1:{hook_port}"))
-        await procs.start("alertmanager", alertmanager, "--config.file=alertmanager.yml",
-                          f"--storage.path={tmp_path / 'am'}", f"--web.listen-address={am}",
-                          "--cluster.listen-address=")
+        am = await start_server(procs, session, "alertmanager", lambda address: [
+            alertmanager, "--config.file=alertmanager.yml", f"--storage.path={tmp_path / 'am'}",
+            f"--web.listen-address={address}", "--cluster.listen-address="])
         fast_rules = tmp_path / "fast.rules.yml"
         fast_rules.write_text(rules.compress((DEPLOY / "prometheus" / "rules" / "probe.rules.yml").read_text(), 60))
         write_yaml(tmp_path / "central.yml", central_config(fast_rules, am))
-        await procs.start("central", prometheus, "--config.file=central.yml",
-                          f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={central}",
-                          "--web.enable-remote-write-receiver")
+        central = await start_server(procs, session, "central", lambda address: [
+            prometheus, "--config.file=central.yml", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address={address}", "--web.enable-remote-write-receiver"])
         flag = agent_flag(prometheus)
-        for vantage, address in probes.items():  # they retry until the central Prometheus is up
-            write_yaml(tmp_path / f"agent-{vantage}.yml", agent_config(vantage, address, central))
-            await procs.start(f"agent-{vantage}", prometheus, flag, f"--config.file=agent-{vantage}.yml",
-                              f"--storage.agent.path={tmp_path / ('wal-' + vantage)}",
-                              f"--web.listen-address=127.0.0.1:{free_port()}")
-        await wait_for("alertmanager ready", lambda: ready(session, f"http://{am}/-/ready"), procs)
-        await wait_for("central Prometheus ready", lambda: ready(session, f"http://{central}/-/ready"), procs)
+        for vantage, probe in probes.items():
+            write_yaml(tmp_path / f"agent-{vantage}.yml", agent_config(vantage, probe, central))
+            await start_server(procs, session, f"agent-{vantage}", lambda address, v=vantage: [
+                prometheus, flag, f"--config.file=agent-{v}.yml", f"--storage.agent.path={tmp_path / ('wal-' + v)}",
+                f"--web.listen-address={address}"])
         try:
             yield relay, webhook, Central(session, central), procs, session
         except BaseException:
@@ -437,10 +455,9 @@ async def test_prometheus_driven_probes_through_the_on_demand_scrape_config(tmp_
         job["static_configs"] = [{"targets": ["api", "not-configured"]}]
         job["relabel_configs"][-1]["replacement"] = probe
         write_yaml(tmp_path / "prometheus.yml", cfg)
-        address = f"127.0.0.1:{free_port()}"
-        await procs.start("prometheus", prometheus, "--config.file=prometheus.yml",
-                          f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={address}")
-        await wait_for("Prometheus ready", lambda: ready(session, f"http://{address}/-/ready"), procs)
+        address = await start_server(procs, session, "prometheus", lambda address: [
+            prometheus, "--config.file=prometheus.yml", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address={address}"])
         central = Central(session, address)
 
         async def scraped_twice() -> bool:
