@@ -375,6 +375,9 @@ async def test_blocked_from_one_vantage_alerts_through_agents_central_and_alertm
         fired = {(a["labels"]["vantage"], a["labels"]["target"], a["labels"]["route"])
                  for _, a in firing_blocked(webhook)}
         assert fired <= {(BLOCKED_VANTAGE, "storage", r) for r in ROUTES} and fired
+        # routed by the shipped Alertmanager config: critical alerts go to the on-call receiver
+        assert {r for _, r, n in webhook.received if n["status"] == "firing"} == {"oncall"}
+        assert {tuple(sorted(n["groupLabels"])) for _, _, n in webhook.received} == {("alertname", "target", "vantage")}
         (_, first), *_ = firing_blocked(webhook)
         assert first["labels"]["severity"] == "critical"
         assert "blocked from cn-test" in first["annotations"]["summary"]
