@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Callable, Sequence
 
-from probe import dns
+from probe import dns, integrity
 from probe.config import Config, Route, Target
 from probe.context import ProbeContext
 from probe.models import Deadline, DnsResult, ProbeResult
@@ -54,4 +53,7 @@ async def run_round(
     dns_tasks = {t.name: asyncio.ensure_future(dns_of(t)) for t in chosen if any(p[0] is t for p in pairs)}
     results = await asyncio.gather(*(one(t, r) for t, r in pairs))
     checks = {name: await task for name, task in dns_tasks.items()}
-    return [dataclasses.replace(r, dns=checks.get(r.target, ())) for r in results]
+    return [
+        integrity.with_dns_verdict(r, config.target(r.target), config.route(r.route), checks.get(r.target, ()), config)
+        for r in results
+    ]

@@ -24,6 +24,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from probe.config import Config, Route, Target
 from probe.context import ProbeContext
+from probe.integrity import with_dns_verdict
 from probe.models import Deadline, DnsResult, Outcome, ProbeResult
 from probe.store import ResultStore
 
@@ -212,9 +213,7 @@ class Scheduler:
 
         async def one(route: str) -> ProbeResult:
             async with self._limit:
-                result = await self._probe(target, config.route(route), ctx)
-            self.store.record(result)
-            return result
+                return await self._probe(target, config.route(route), ctx)
 
         async def check() -> tuple[DnsResult, ...]:
             if not target.needs_dns:
@@ -228,7 +227,10 @@ class Scheduler:
             dns_task = group.create_task(check())
             tasks = [group.create_task(one(r)) for r in target.routes]
         checks = dns_task.result()
-        return [dataclasses.replace(t.result(), dns=checks) for t in tasks]
+        results = [with_dns_verdict(t.result(), target, config.route(t.result().route), checks, config) for t in tasks]
+        for result in results:
+            self.store.record(result)
+        return results
 
     async def _run_pair(self, target_name: str, route_name: str) -> None:
         config, ctx = self.config, self.ctx

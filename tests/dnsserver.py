@@ -16,11 +16,15 @@
 The system resolver is pointed at the server with a resolv.conf holding `nameserver 127.0.0.1`
 and `ProbeContext(resolv_conf=..., system_dns_port=server.port)`.
 
-A behaviour is `async (query, transport) -> list[bytes]`: the wire replies to send. UDP sends
+A behaviour is `async (query, transport) -> [bytes | float]`: the wire replies to send (a float
+between them: a pause). UDP sends
 every one (several = an injected reply racing the genuine one); TCP, DoT and DoH send the first;
 none = stay silent until the client gives up. Ready-made: answer (a given record set; a forged
 one is just another set), nxdomain, servfail, refused, nodata, silent, garbage, delayed,
-truncated_over_udp (TC bit and no answer over UDP, the full answer over TCP), several.
+truncated_over_udp (TC bit and no answer over UDP, the full answer over TCP), several, racing
+(a forged reply, then the genuine one from the same socket), only_for (answer some names,
+ignore the rest: an injector seen at a canary), rewriting_nxdomain (an ISP resolver's ad
+server instead of NXDOMAIN), and signed zones (SignedZones: DNSSEC with dnspython's dns.dnssec).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
+import dns.dnssec
 import dns.exception
 import dns.flags
 import dns.message
@@ -42,11 +47,14 @@ import dns.rdatatype
 import dns.rrset
 import trustme
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from probe.config import Resolver, ResolverType
 
 Transport = Literal["udp", "tcp", "dot", "doh"]
-Behaviour = Callable[[dns.message.Message, Transport], Awaitable[list[bytes]]]
+# The replies to send; a float between them is a pause in seconds (UDP only: the stream
+# transports send the first reply at once).
+Behaviour = Callable[[dns.message.Message, Transport], Awaitable[Sequence[bytes | float]]]
 GARBAGE = b"\x16\x03\x01\x02\x00 this is not a DNS message at all"
 
 
@@ -192,7 +200,9 @@ class DnsServer:
         if query is None or self._udp is None:
             return
         for reply in await self.behaviour(query, "udp"):
-            if not self._udp.is_closing():
+            if isinstance(reply, float | int):
+                await asyncio.sleep(reply)
+            elif not self._udp.is_closing():
                 self._udp.sendto(reply, peer)
 
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -211,7 +221,7 @@ class DnsServer:
                 query = self._parse(await reader.readexactly(size), kind, writer.get_extra_info("peername")[0])
                 if query is None:
                     return
-                replies = await self.behaviour(query, kind)
+                replies = _wires(await self.behaviour(query, kind))
                 if not replies:
                     await self._closing.wait()  # silent: hold the connection until the client gives up
                     return
@@ -233,7 +243,7 @@ class DnsServer:
         query = self._parse(await request.read(), "doh", request.remote)
         if query is None:
             return web.Response(status=400, text="not a DNS message")
-        replies = await self.behaviour(query, "doh")
+        replies = _wires(await self.behaviour(query, "doh"))
         if not replies:
             await self._closing.wait()
             return web.Response(status=503)
@@ -249,6 +259,10 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 # ---- behaviours ---------------------------------------------------------------------------
+
+
+def _wires(replies: Sequence[bytes | float]) -> list[bytes]:
+    return [r for r in replies if isinstance(r, bytes)]
 
 
 def _wire(response: dns.message.Message, transport: Transport) -> bytes:
@@ -276,7 +290,7 @@ def answer(
     zone = {_absolute(k): list(v) for k, v in records.items()}
     aliases = {_absolute(k): _absolute(v) for k, v in (cnames or {}).items()}
 
-    async def behave(query: dns.message.Message, transport: Transport) -> list[bytes]:
+    async def behave(query: dns.message.Message, transport: Transport) -> Sequence[bytes | float]:
         response = dns.message.make_response(query)
         q = query.question[0]
         name = _absolute(q.name.to_text())
@@ -299,7 +313,7 @@ def answer(
 def rcode(code: dns.rcode.Rcode) -> Behaviour:
     """Reply with `code` and no records."""
 
-    async def behave(query: dns.message.Message, transport: Transport) -> list[bytes]:
+    async def behave(query: dns.message.Message, transport: Transport) -> Sequence[bytes | float]:
         response = dns.message.make_response(query)
         response.set_rcode(code)
         return [_wire(response, transport)]
@@ -330,7 +344,7 @@ def nodata() -> Behaviour:
 def silent() -> Behaviour:
     """Never reply."""
 
-    async def behave(query: dns.message.Message, transport: Transport) -> list[bytes]:
+    async def behave(query: dns.message.Message, transport: Transport) -> Sequence[bytes | float]:
         return []
 
     return behave
@@ -339,7 +353,7 @@ def silent() -> Behaviour:
 def garbage(data: bytes = GARBAGE) -> Behaviour:
     """Reply with bytes that are not a DNS message."""
 
-    async def behave(query: dns.message.Message, transport: Transport) -> list[bytes]:
+    async def behave(query: dns.message.Message, transport: Transport) -> Sequence[bytes | float]:
         return [data]
 
     return behave
@@ -348,7 +362,7 @@ def garbage(data: bytes = GARBAGE) -> Behaviour:
 def delayed(seconds: float, inner: Behaviour) -> Behaviour:
     """Reply as `inner` does, `seconds` late."""
 
-    async def behave(query: dns.message.Message, transport: Transport) -> list[bytes]:
+    async def behave(query: dns.message.Message, transport: Transport) -> Sequence[bytes | float]:
         await asyncio.sleep(seconds)
         return await inner(query, transport)
 
@@ -358,7 +372,7 @@ def delayed(seconds: float, inner: Behaviour) -> Behaviour:
 def truncated_over_udp(inner: Behaviour) -> Behaviour:
     """Over UDP reply with TC set and no answer; over the stream transports, as `inner` does."""
 
-    async def behave(query: dns.message.Message, transport: Transport) -> list[bytes]:
+    async def behave(query: dns.message.Message, transport: Transport) -> Sequence[bytes | float]:
         if transport != "udp":
             return await inner(query, transport)
         response = dns.message.make_response(query)
@@ -371,7 +385,130 @@ def truncated_over_udp(inner: Behaviour) -> Behaviour:
 def several(*behaviours: Behaviour) -> Behaviour:
     """Send every behaviour's replies, in order (over UDP; stream transports send the first)."""
 
-    async def behave(query: dns.message.Message, transport: Transport) -> list[bytes]:
+    async def behave(query: dns.message.Message, transport: Transport) -> list[bytes | float]:
         return [reply for b in behaviours for reply in await b(query, transport)]
 
     return behave
+
+
+def racing(forged: Behaviour, genuine: Behaviour, gap: float = 0.03) -> Behaviour:
+    """Over UDP send `forged`'s reply, then `genuine`'s `gap` seconds later: an on-path injector winning the race.
+
+    The stream transports (which an injector cannot race) answer as `genuine` does.
+    """
+
+    async def behave(query: dns.message.Message, transport: Transport) -> list[bytes | float]:
+        if transport != "udp":
+            return list(await genuine(query, transport))
+        return [*await forged(query, transport), gap, *await genuine(query, transport)]
+
+    return behave
+
+
+def only_for(names: Sequence[str], inner: Behaviour) -> Behaviour:
+    """Answer queries for `names` as `inner` does and ignore every other query."""
+    wanted = {_absolute(n) for n in names}
+
+    async def behave(query: dns.message.Message, transport: Transport) -> Sequence[bytes | float]:
+        if _absolute(query.question[0].name.to_text()) not in wanted:
+            return []
+        return await inner(query, transport)
+
+    return behave
+
+
+def rewriting_nxdomain(inner: Behaviour, address: str, ttl: int = 5) -> Behaviour:
+    """Answer as `inner` does, but replace every NXDOMAIN with `address` (A queries): an ISP's ad server."""
+
+    async def behave(query: dns.message.Message, transport: Transport) -> list[bytes | float]:
+        out: list[bytes | float] = []
+        for reply in await inner(query, transport):
+            if isinstance(reply, bytes) and dns.message.from_wire(reply).rcode() == dns.rcode.NXDOMAIN:
+                response = dns.message.make_response(query)
+                q = query.question[0]
+                if q.rdtype == dns.rdatatype.A:
+                    response.answer.append(dns.rrset.from_text(q.name, ttl, "IN", "A", address))
+                reply = _wire(response, transport)
+            out.append(reply)
+        return out
+
+    return behave
+
+
+class SignedZones:
+    """DNSSEC-signed zones (ECDSA P-256, one key per zone) served as a validating recursor would.
+
+        zones = SignedZones({"example": {}, "storage.example": {"hk.storage.example": ["127.0.0.20"]}})
+        ctx = ProbeContext(config, trust_anchors=(zones.anchor("example"),))
+        DnsServer(zones.behaviour())                                        # honest, signed
+        DnsServer(zones.behaviour(forged={"hk.storage.example": ["127.0.0.66"]}, signatures="kept"))
+
+    A child zone's DS is served, signed, from its parent, so the chain runs from the anchor down.
+    """
+
+    def __init__(self, zones: Mapping[str, Mapping[str, Sequence[str]]], ttl: int = 60) -> None:
+        self.ttl = ttl
+        self.zones = {dns.name.from_text(z): {_absolute(k): list(v) for k, v in records.items()}
+                      for z, records in zones.items()}
+        self._keys: dict[dns.name.Name, tuple[ec.EllipticCurvePrivateKey, Any]] = {}
+        for zone in self.zones:
+            private = ec.generate_private_key(ec.SECP256R1())
+            dnskey = dns.dnssec.make_dnskey(private.public_key(), dns.dnssec.Algorithm.ECDSAP256SHA256, flags=257)
+            self._keys[zone] = (private, dnskey)
+
+    def anchor(self, zone: str) -> dns.rrset.RRset:
+        """Return the DS set of `zone`, to be used as a trust anchor."""
+        name = dns.name.from_text(zone)
+        return dns.rrset.from_rdata(name, self.ttl, dns.dnssec.make_ds(name, self._keys[name][1], "SHA256"))
+
+    def _zone_of(self, name: dns.name.Name) -> dns.name.Name | None:
+        enclosing = [z for z in self.zones if name.is_subdomain(z)]
+        return max(enclosing, key=len, default=None)
+
+    def _signed(self, rrset: dns.rrset.RRset, zone: dns.name.Name) -> list[dns.rrset.RRset]:
+        private, dnskey = self._keys[zone]
+        rrsig = dns.dnssec.sign(rrset, private, zone, dnskey, lifetime=3600)
+        return [rrset, dns.rrset.from_rdata(rrset.name, rrset.ttl, rrsig)]
+
+    def behaviour(
+        self,
+        *,
+        forged: Mapping[str, Sequence[str]] | None = None,
+        signatures: Literal["valid", "kept", "none", "regional"] = "valid",
+    ) -> Behaviour:
+        """Answer A, AAAA, DNSKEY and DS queries; `forged` addresses replace the zone's, with the
+        genuine signature `kept` (a replayed signature), `none`, or signed by the zone itself
+        (`regional`: another GeoDNS answer); signatures="none" alone strips them."""
+        fakes = {_absolute(k): list(v) for k, v in (forged or {}).items()}
+
+        async def behave(query: dns.message.Message, transport: Transport) -> list[bytes | float]:
+            response = dns.message.make_response(query)
+            q = query.question[0]
+            want = bool(query.ednsflags & dns.flags.DO) and signatures != "none"
+            if q.rdtype == dns.rdatatype.DNSKEY and q.name in self.zones:
+                keys = dns.rrset.from_rdata(q.name, self.ttl, self._keys[q.name][1])
+                response.answer.extend(self._signed(keys, q.name) if want else [keys])
+            elif q.rdtype == dns.rdatatype.DS and q.name in self.zones and (parent := self._zone_of(q.name.parent())):
+                ds = dns.rrset.from_rdata(q.name, self.ttl, dns.dnssec.make_ds(q.name, self._keys[q.name][1], "SHA256"))
+                response.answer.extend(self._signed(ds, parent) if want else [ds])
+            elif q.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) and (zone := self._zone_of(q.name)) is not None:
+                name = _absolute(q.name.to_text())
+                genuine = [a for a in self.zones[zone].get(name, []) if (":" in a) == (q.rdtype == dns.rdatatype.AAAA)]
+                given = [a for a in fakes.get(name, genuine) if (":" in a) == (q.rdtype == dns.rdatatype.AAAA)]
+                if name not in self.zones[zone] and name not in fakes:
+                    response.set_rcode(dns.rcode.NXDOMAIN)
+                elif given:
+                    rrset = dns.rrset.from_text_list(name, self.ttl, "IN", q.rdtype, given)
+                    if want and signatures == "regional":
+                        response.answer.extend(self._signed(rrset, zone))
+                    elif want and genuine:
+                        real = dns.rrset.from_text_list(name, self.ttl, "IN", q.rdtype, genuine)
+                        rrsig = self._signed(real, zone)[1]
+                        response.answer.extend([rrset, rrsig] if signatures == "kept" or name not in fakes else [rrset])
+                    else:
+                        response.answer.append(rrset)
+            else:
+                response.set_rcode(dns.rcode.REFUSED)
+            return [_wire(response, transport)]
+
+        return behave

@@ -165,6 +165,14 @@ INVALID: list[tuple[str, list[str]]] = [
     ("invalid-top-level-not-mapping.yml", ["{file}: the config must be a mapping with 'targets', not a list"]),
     ("invalid-canaries-not-ips.yml", ["canaries[1]: 'canary.example' is not an IP address"]),
     (
+        "invalid-dns-integrity-keys.yml",
+        [
+            "targets[0].dnssec: must be true or false, not a string",
+            "targets[1].dns_reply_window: dns_reply_window 2s must be shorter than the timeout (2s)",
+            "targets[2].dns_reply_window: needs a unit: write 500s or 500ms",
+        ],
+    ),
+    (
         "invalid-bogons-not-cidrs.yml",
         ["bogons[0]: '10.0.0.0/33' is not a CIDR", "bogons[1]: 'private' is not a CIDR"],
     ),

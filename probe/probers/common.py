@@ -7,10 +7,10 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 
-from probe import dns
-from probe.classify import Stage, classify, describe
+from probe import dns, integrity
+from probe.classify import DnsFailure, Stage, classify, describe
 from probe.config import Route, Target, is_ip
-from probe.context import ProbeContext
+from probe.context import UNUSABLE_ANSWERS, ProbeContext
 from probe.models import Deadline, Outcome, Phase, ProbeResult
 from probe.trace import Trace
 
@@ -106,5 +106,23 @@ async def resolve(host: str, route: Route, deadline: Deadline, ctx: ProbeContext
             resolver = ctx.config.route_resolver(route)
             found = await dns.lookup(resolver, host, deadline, ctx, source_address=route.source_address)
             address = found.answers[0]  # IPv4 first: lookup orders A before AAAA
+            _refuse_judged_answers(host, resolver.name, found.answers, ctx, trace)
     trace.address = address
     return address
+
+
+def _refuse_judged_answers(host: str, resolver: str, answers: tuple[str, ...], ctx: ProbeContext, trace: Trace) -> None:
+    """Fail the resolve stage when the latest DNS check found these answers forged or unusable."""
+    verdict = ctx.dns_verdict(host, resolver)
+    if verdict is None or verdict.result.outcome not in UNUSABLE_ANSWERS:
+        return
+    if not integrity.untrusted(answers, verdict.result, verdict.trusted):
+        return
+    for line in verdict.result.evidence:
+        trace.note(line)
+    age = asyncio.get_running_loop().time() - verdict.checked_at
+    raise DnsFailure(
+        f"{resolver} answered {', '.join(answers)} for {host}, which the DNS check {age:.0f} s ago judged "
+        f"{verdict.result.outcome}",
+        verdict.result.outcome,
+    )
