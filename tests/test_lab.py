@@ -44,7 +44,6 @@ from tests.lab.world import (
 )
 
 lab, env = world.lab, world.env  # the fixtures
-DNS_XFAIL = pytest.mark.xfail(reason="needs DNS integrity from branch dns", strict=False)
 
 
 # ---- one interference, one outcome -------------------------------------------------------
@@ -225,7 +224,6 @@ def injector(*args: str, to: str = RESOLVER) -> Callable[[Border], None]:
     return switch_on
 
 
-@DNS_XFAIL
 def test_two_injectors_racing_the_resolver_is_dns_injection(env: LabEnv) -> None:
     injector("--fingerprint", "gfw-a", "--fingerprint", "gfw-b", "--name", "injected.example")(env.border)
     doc = env.once(https("t", "injected.example"))
@@ -234,7 +232,6 @@ def test_two_injectors_racing_the_resolver_is_dns_injection(env: LabEnv) -> None
     assert system["replies"] >= 2, system
 
 
-@DNS_XFAIL
 def test_canary_that_answers_is_dns_injection(env: LabEnv) -> None:
     # The resolver's path gets only the forgery (as in the dns_mismatch case); the canary, which
     # runs no DNS server yet answers, shows it was forged on the path, not by the resolver.
@@ -242,7 +239,6 @@ def test_canary_that_answers_is_dns_injection(env: LabEnv) -> None:
     expect(env, env.once(https("t", "injected.example"), canaries=(CANARY,)), "t", "dns_injection", True)
 
 
-@DNS_XFAIL
 def test_poisoned_answer_failing_tls_is_dns_mismatch(env: LabEnv) -> None:
     # Only the forgery arrives (the query is dropped), pointing at a host without a valid certificate.
     injector("--fingerprint", "poison", "--poison", "--name", "poisoned.example")(env.border)
