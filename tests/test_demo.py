@@ -9,10 +9,13 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from probe.cli import build_parser
 from probe.demoborder import client_hello_sni
 from probe.models import Outcome
 from tests.proxies import free_port
@@ -138,3 +141,12 @@ def test_bad_interval_is_a_usage_error() -> None:
                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert done.returncode == 2
     assert "bad duration 'soon'" in done.stderr
+
+
+def test_compose_override_runs_the_demo_as_the_cn_vantage() -> None:
+    root = Path(__file__).resolve().parent.parent
+    override = yaml.safe_load((root / "deploy" / "compose" / "demo.yml").read_text())
+    services = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
+    assert set(override["services"]) <= set(services)
+    args = build_parser().parse_args(override["services"]["probe-cn"]["command"])
+    assert (args.command, args.listen) == ("demo", "0.0.0.0:9516")  # the port its agent scrapes
