@@ -66,7 +66,8 @@ class LabEnv:
         """Return a targets.yml for the vantage: the system resolver, the DoH control, the proxy routes."""
         return {
             "vantage": "lab-inside",
-            "defaults": {"interval": "30s", "timeout": timeout, "ca_file": self.ca_file},
+            # A short reply window: on the lab's wire the forgeries and the genuine reply are ms apart.
+            "defaults": {"interval": "30s", "timeout": timeout, "ca_file": self.ca_file, "dns_reply_window": "200ms"},
             "resolvers": [
                 {"name": "system", "type": "system"},
                 {"name": "control", "type": "doh", "url": f"https://{DOH}/dns-query", "ca_file": self.ca_file,
