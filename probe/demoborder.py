@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -94,6 +95,37 @@ def server_tls(stem: str) -> ssl.SSLContext:
 
 
 @dataclass
+class Connections:
+    """The open connections of one server, so that closing it ends them without cancelling handlers.
+
+    (Python 3.11's start_server logs a cancelled connection handler as an error.)
+    """
+
+    open: dict[asyncio.Task[Any], asyncio.StreamWriter] = field(default_factory=dict)
+
+    def add(self, writer: asyncio.StreamWriter) -> None:
+        """Track the connection of the running handler."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.open[task] = writer
+
+    def remove(self) -> None:
+        """Forget the connection of the running handler."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.open.pop(task, None)
+
+    async def close(self) -> None:
+        """Abort every connection and give the handlers a moment to return."""
+        for writer in self.open.values():
+            writer.transport.abort()
+        if self.open:
+            _, late = await asyncio.wait(list(self.open), timeout=2.0)
+            for task in late:  # stuck beyond an aborted socket: should not happen
+                task.cancel()
+
+
+@dataclass
 class Middlebox:
     """A TCP relay in front of `upstream` that acts on the name it reads from the first bytes."""
 
@@ -103,7 +135,7 @@ class Middlebox:
     throttle_bytes_per_second: float = 64 * 1024
     port: int = 0
     _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _connections: Connections = field(default_factory=Connections)
 
     async def start(self) -> None:
         """Listen on a free loopback port."""
@@ -114,14 +146,10 @@ class Middlebox:
         """Stop listening and end every connection."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._connections.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        self._connections.add(writer)
         try:
             async with asyncio.timeout(CONNECTION_LIMIT_SECONDS):
                 first = await self._first_bytes(reader)
@@ -131,7 +159,7 @@ class Middlebox:
             pass  # the monitor hung up or timed out: that is what it is here to see
         finally:
             writer.transport.abort()
-            self._tasks.discard(task)
+            self._connections.remove()
 
     async def _first_bytes(self, reader: asyncio.StreamReader) -> bytes:
         if self.inspect is Inspect.SNI:
@@ -241,7 +269,7 @@ class ConnectProxy:
     ports: Mapping[int, int]
     port: int = 0
     _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _connections: Connections = field(default_factory=Connections)
 
     async def start(self) -> None:
         """Listen on a free loopback port."""
@@ -252,14 +280,10 @@ class ConnectProxy:
         """Stop listening and end every tunnel."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._connections.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        self._connections.add(writer)
         try:
             async with asyncio.timeout(CONNECTION_LIMIT_SECONDS):
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
@@ -281,7 +305,7 @@ class ConnectProxy:
             pass
         finally:
             writer.transport.abort()
-            self._tasks.discard(task)
+            self._connections.remove()
 
 
 def _is_ip(text: str) -> bool:

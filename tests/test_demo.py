@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -56,17 +57,26 @@ def outcomes(port: int) -> dict[tuple[str, str], str]:
     return found
 
 
+@dataclass
+class Demo:
+    port: int
+    proc: subprocess.Popen[str]
+    log: Path  # its stderr
+
+
 @pytest.fixture(scope="module")
-def demo() -> Iterator[tuple[int, subprocess.Popen[str]]]:
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     """Run `probe demo` on a free port with short intervals; stop it afterwards."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "probe", "demo", "--listen", f"127.0.0.1:{port}", "--interval", "2s",
-         "--timeout", "1500ms"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
+    log = tmp_path_factory.mktemp("demo") / "stderr.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "probe", "demo", "--listen", f"127.0.0.1:{port}", "--interval", "2s",
+             "--timeout", "1500ms"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+        )
     try:
-        yield port, proc
+        yield Demo(port, proc, log)
     finally:
         proc.terminate()
         try:
@@ -96,15 +106,15 @@ def wait_for(
     return seen
 
 
-def test_demo_shows_every_outcome_class_in_metrics(demo: tuple[int, subprocess.Popen[str]]) -> None:
-    port, proc = demo
+def test_demo_shows_every_outcome_class_in_metrics(demo: Demo) -> None:
+    port, proc = demo.port, demo.proc
     assert set(EXPECTED.values()) == {str(o) for o in Outcome} - {"error"}
     seen = wait_for(port, proc, EXPECTED)
     assert {k: seen.get(k) for k in EXPECTED} == EXPECTED
 
 
-def test_demo_prints_what_it_started_and_where(demo: tuple[int, subprocess.Popen[str]]) -> None:
-    port, proc = demo
+def test_demo_prints_what_it_started_and_where(demo: Demo) -> None:
+    port, proc = demo.port, demo.proc
     wait_for(port, proc, {("storage", "direct"): "ok"})
     assert proc.stdout is not None
     lines = []
@@ -134,6 +144,15 @@ def test_sni_is_read_from_a_real_client_hello() -> None:
 @pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00\x05\x01\x00", b""], ids=str)
 def test_anything_but_a_client_hello_has_no_sni(data: bytes) -> None:
     assert client_hello_sni(data) is None
+
+
+def test_demo_stops_cleanly_on_sigterm(demo: Demo) -> None:
+    port, proc = demo.port, demo.proc
+    wait_for(port, proc, {("storage", "direct"): "ok"})
+    proc.terminate()
+    assert proc.wait(10) == 0
+    log = demo.log.read_text()
+    assert "Traceback" not in log and " ERROR " not in log, log
 
 
 def test_bad_interval_is_a_usage_error() -> None:
