@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,7 +367,3 @@ def lab_network(directory: Path, abroad_hosts: Sequence[str], abroad_names: dict
     finally:
         lab.teardown()
 
-
-def elapsed_ms(since: float) -> float:
-    """Return milliseconds since the monotonic time `since`."""
-    return (time.monotonic() - since) * 1000.0
