@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a simulated border on loopback, and the monitor probing it (no root)")
     demo.add_argument("--listen", default="127.0.0.1:9516", help="host:port for the monitor (default %(default)s)")
+    demo.add_argument("--interval", default="10s", help="probe interval (default %(default)s)")
+    demo.add_argument("--timeout", default="3s", help="probe timeout (default %(default)s)")
 
     once = with_config(sub.add_parser("once", help="one round of every (target, route), then exit"))
     once.add_argument("--target", action="append", metavar="NAME", help="only this target (repeatable)")

@@ -1,10 +1,11 @@
 """An on-path DNS injector on the border router (NFQUEUE): forged replies that beat the real one.
 
-    python -m tests.lab.injector --queue 4 --fingerprint gfw-a --name blocked.example [--poison] [--to ADDR]
+    python -m tests.lab.injector --queue 4 --fingerprint gfw-a [--fingerprint gfw-b] --name blocked.example
+                                 [--poison] [--to ADDR]
 
 Each queued UDP query for a watched name (or a subdomain of one) is answered at once with a
-forged reply sent from the queried server's address through a raw socket, before the query
-itself goes on: the forgery always arrives first. `--poison` drops the query instead, so the
+forged reply per fingerprint, sent from the queried server's address through a raw socket,
+before the query itself goes on: the forgeries always arrive first. `--poison` drops the query instead, so the
 forged reply is the only one (a resolver that lies, as seen from outside). `--to` restricts it
 to queries sent to these addresses (e.g. a canary that runs no DNS server).
 
@@ -75,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     """Inject until SIGTERM."""
     parser = argparse.ArgumentParser(prog="python -m tests.lab.injector")
     common_arguments(parser)
-    parser.add_argument("--fingerprint", choices=sorted(FINGERPRINTS), default="gfw-a")
+    parser.add_argument("--fingerprint", choices=sorted(FINGERPRINTS), action="append",
+                        help="one forged reply per fingerprint (repeatable; default gfw-a)")
     parser.add_argument("--name", action="append", default=[], help="inject for this name and below (repeatable)")
     parser.add_argument("--to", action="append", default=[], help="only queries sent to this address (repeatable)")
     parser.add_argument("--poison", action="store_true", help="drop the query: the forged reply is the only one")
     args = parser.parse_args(argv)
-    fp = FINGERPRINTS[args.fingerprint]
+    fingerprints = [(name, FINGERPRINTS[name]) for name in args.fingerprint or ["gfw-a"]]
     names = [dns.name.from_text(n) for n in args.name]
     sender = packets.raw_sender()
     rng = random.Random()
@@ -96,14 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         if not query.question or not watched(query.question[0].name, names) or (args.to and ip.dst not in args.to):
             pkt.accept()
             return
-        forged = packets.udp_packet(
-            ip.dst, ip.src, udp.dport, udp.sport, forge(query, fp),
-            ttl=fp.ip_ttl if fp.ip_ttl is not None else rng.randint(40, 120),
-            ident=0 if fp.ip_id == "zero" else rng.randint(1, 0xFFFF),
-        )
-        packets.send(sender, forged)
         q = query.question[0]
-        log(f"{args.fingerprint}: forged {q.name} {dns.rdatatype.to_text(q.rdtype)} for {ip.src} from {ip.dst}")
+        for name, fp in fingerprints:
+            forged = packets.udp_packet(
+                ip.dst, ip.src, udp.dport, udp.sport, forge(query, fp),
+                ttl=fp.ip_ttl if fp.ip_ttl is not None else rng.randint(40, 120),
+                ident=0 if fp.ip_id == "zero" else rng.randint(1, 0xFFFF),
+            )
+            packets.send(sender, forged)
+            log(f"{name}: forged {q.name} {dns.rdatatype.to_text(q.rdtype)} for {ip.src} from {ip.dst}")
         if args.poison:
             pkt.drop()
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
+import os
 import select
 import signal
 import sys
@@ -25,7 +26,16 @@ READY = "ready"
 class QueueLoop:
     """Bind one NFQUEUE number and run callbacks and timers until stopped or `max_seconds` pass."""
 
-    def __init__(self, queue_num: int, on_packet: Callable[[Packet], None], max_seconds: float) -> None:
+    def __init__(
+        self, queue_num: int, on_packet: Callable[[Packet], None], max_seconds: float, *, realtime: bool = False
+    ) -> None:
+        if realtime:
+            # On a loaded machine an ordinary process wakes late from select(); a real-time one
+            # does not, so the delay it adds is the configured one. Its loop sleeps, never spins.
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(20))
+            except OSError as e:
+                log(f"no real-time priority ({e}): delays may run long on a loaded machine")
         self.queue = NetfilterQueue()
         self.queue.bind(queue_num, on_packet, max_len=4096)
         self.max_seconds = max_seconds

@@ -1,4 +1,4 @@
-"""The lab's servers, run inside a namespace: storage endpoints, DNS, DoH, an interceptor.
+"""The lab's servers, run inside a namespace: storage endpoints, banners, DNS, DoH.
 
     ip netns exec NS python -m tests.lab.serve spec.json
 
@@ -12,8 +12,10 @@
        "servfail": ["broken.example"], "silent": ["mute.example"]},
       {"kind": "doh", "host": "198.51.100.54", "port": 443, "cert": "...", "key": "...", "zone": {...}}]}
 
-A web service answers /api/ping with `pong`, /probe/1MiB.bin with a MiB of data, and /slow
-never. The process prints `ready` once every service listens, and stops on SIGTERM.
+A web service answers /api/ping with `pong`, /probe/1MiB.bin and /probe/256KiB.bin with that
+much data, and /slow never. A TLS interceptor is a web service whose certificate is wrong for
+the name or signed by an untrusted CA. The process prints `ready` once every service listens,
+and stops on SIGTERM.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from tests.dnsserver import Behaviour, DnsServer, Transport, answer, servfail
 
 BANNER = b"SSH-2.0-OpenSSH_9.2p1 lab\r\n"
 MIB = 1024 * 1024
-CHUNK = 64 * 1024
+CHUNK = 16 * 1024
+BLOBS = {"1MiB": MIB, "256KiB": MIB // 4}
 
 
 def tls_context(service: dict[str, Any]) -> ssl.SSLContext | None:
@@ -52,11 +55,12 @@ def web_app() -> web.Application:
         return web.Response(text="pong")
 
     async def blob(request: web.Request) -> web.StreamResponse:
+        size = BLOBS[request.match_info["name"]]
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        resp.content_length = MIB
+        resp.content_length = size
         await resp.prepare(request)
         chunk = b"\0" * CHUNK
-        for _ in range(MIB // CHUNK):
+        for _ in range(size // CHUNK):
             await resp.write(chunk)
         await resp.write_eof()
         return resp
@@ -67,7 +71,7 @@ def web_app() -> web.Application:
 
     app = web.Application()
     app.router.add_get("/api/ping", ping)
-    app.router.add_get("/probe/1MiB.bin", blob)
+    app.router.add_get("/probe/{name:(1MiB|256KiB)}.bin", blob)
     app.router.add_get("/slow", slow)
     return app
 

@@ -1,7 +1,8 @@
 """NFQUEUE programs of the border router that hold, drop or answer TCP packets.
 
     python -m tests.lab.tamper delay --queue 1 --ms 40          # hold every queued packet 40 ms
-    python -m tests.lab.tamper handshake-rst --queue 2          # RST both ends just after a SYN-ACK
+    python -m tests.lab.tamper inject-rst --queue 4 --trigger x.example   # on-path RSTs, packet goes on
+    python -m tests.lab.tamper residual --queue 2 --trigger x.example --seconds 3   # reset, then block the triple
     python -m tests.lab.tamper blockpage --queue 3              # answer a queued request with a block page
 
 The iptables rule decides which packets reach the queue; these programs decide what happens to them.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from netfilterqueue import Packet
 
@@ -31,34 +33,67 @@ def delay(args: argparse.Namespace) -> None:
     def on_packet(pkt: Packet) -> None:
         loop.later(seconds, pkt.accept)
 
-    loop = QueueLoop(args.queue, on_packet, args.max_seconds)
+    loop = QueueLoop(args.queue, on_packet, args.max_seconds, realtime=True)
     loop.run()
 
 
-def handshake_rst(args: argparse.Namespace) -> None:
-    """Let each queued SYN-ACK through, then `--after-ms` later reset both ends, as a censor does."""
+def inject_rst(args: argparse.Namespace) -> None:
+    """On-path reset: let a packet carrying `--trigger` through, and forge RSTs to both ends at once.
+
+    As the Great Firewall does it: it does not hold the packet, so the server still gets it and
+    answers; the forged RST to the client arrives first. (The GFW wins that race by being
+    fast; a Python program on a busy machine is not, so the client's RST leaves before the
+    packet is let go.)
+    """
     sender = packets.raw_sender()
-    loop: QueueLoop
+    trigger = args.trigger.encode()
 
     def on_packet(pkt: Packet) -> None:
         ip = packets.parse_ipv4(pkt.get_payload())
         tcp = packets.parse_tcp(ip.payload)
-        pkt.accept()
-        if tcp.flags & (packets.SYN | packets.ACK) != packets.SYN | packets.ACK:
+        if trigger not in tcp.payload:
+            pkt.accept()
             return
+        end = tcp.seq + len(tcp.payload)
+        packets.send(sender, packets.tcp_packet(ip.dst, ip.src, tcp.dport, tcp.sport, tcp.ack, 0, packets.RST,
+                                                ttl=args.ttl))
+        pkt.accept()
+        packets.send(sender, packets.tcp_packet(ip.src, ip.dst, tcp.sport, tcp.dport, end, 0, packets.RST,
+                                                ttl=args.ttl))
+        log(f"injected RSTs for {ip.src}:{tcp.sport} <-> {ip.dst}:{tcp.dport} on {args.trigger!r}")
+
+    QueueLoop(args.queue, on_packet, args.max_seconds).run()
+
+
+def residual(args: argparse.Namespace) -> None:
+    """Reset a connection whose payload carries `--trigger`, then drop the triple's packets for `--seconds`.
+
+    The Great Firewall's residual censorship: after a trigger, new connections from the same
+    client to the same server and port are blocked for a while, whatever they carry.
+    Queue only the client-to-server direction of one server port.
+    """
+    sender = packets.raw_sender()
+    trigger = args.trigger.encode()
+    blocked: dict[tuple[str, str, int], float] = {}
+
+    def on_packet(pkt: Packet) -> None:
+        ip = packets.parse_ipv4(pkt.get_payload())
+        tcp = packets.parse_tcp(ip.payload)
+        triple, now = (ip.src, ip.dst, tcp.dport), time.monotonic()
+        if blocked.get(triple, 0.0) > now:
+            pkt.drop()
+            return
+        if trigger not in tcp.payload:
+            pkt.accept()
+            return
+        blocked[triple] = now + args.seconds
+        pkt.drop()
         # Exact sequence numbers: anything else draws a challenge ACK (RFC 5961), not a reset.
-        to_client = packets.tcp_packet(ip.src, ip.dst, tcp.sport, tcp.dport, tcp.seq + 1, 0, packets.RST)
-        to_server = packets.tcp_packet(ip.dst, ip.src, tcp.dport, tcp.sport, tcp.ack, 0, packets.RST)
+        packets.send(sender, packets.tcp_packet(ip.dst, ip.src, tcp.dport, tcp.sport, tcp.ack, 0, packets.RST))
+        packets.send(sender, packets.tcp_packet(ip.src, ip.dst, tcp.sport, tcp.dport, tcp.seq, 0, packets.RST))
+        log(f"reset {ip.src}:{tcp.sport} -> {ip.dst}:{tcp.dport} on {args.trigger!r}; triple blocked {args.seconds} s")
 
-        def fire() -> None:
-            packets.send(sender, to_client)
-            packets.send(sender, to_server)
-            log(f"reset {ip.dst}:{tcp.dport} <-> {ip.src}:{tcp.sport} after the handshake")
-
-        loop.later(args.after_ms / 1000.0, fire)
-
-    loop = QueueLoop(args.queue, on_packet, args.max_seconds)
-    loop.run()
+    QueueLoop(args.queue, on_packet, args.max_seconds).run()
 
 
 def blockpage(args: argparse.Namespace) -> None:
@@ -95,14 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("delay")
     common_arguments(p)
     p.add_argument("--ms", type=float, required=True)
-    p = sub.add_parser("handshake-rst")
+    p = sub.add_parser("inject-rst")
     common_arguments(p)
-    p.add_argument("--after-ms", type=float, default=5.0)
+    p.add_argument("--trigger", required=True, help="bytes (e.g. a server name) that trigger the resets")
+    p.add_argument("--ttl", type=int, default=64, help="IP TTL of the forged resets (a fingerprint)")
+    p = sub.add_parser("residual")
+    common_arguments(p)
+    p.add_argument("--trigger", required=True, help="bytes (e.g. a server name) that trigger the reset")
+    p.add_argument("--seconds", type=float, default=90.0, help="how long the triple stays blocked")
     p = sub.add_parser("blockpage")
     common_arguments(p)
     p.add_argument("--status", type=int, default=200)
     args = parser.parse_args(argv)
-    {"delay": delay, "handshake-rst": handshake_rst, "blockpage": blockpage}[args.program](args)
+    {"delay": delay, "inject-rst": inject_rst, "residual": residual, "blockpage": blockpage}[args.program](args)
     return 0
 
 
