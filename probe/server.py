@@ -13,6 +13,7 @@ from probe.config import Config
 from probe.metrics import render, render_target
 from probe.models import ProbeResult
 from probe.store import ResultStore
+from probe.webconfig import BasicAuth, WebConfig, auth_middleware
 
 ENDPOINTS = (
     ("/metrics", "GET", "Prometheus metrics of every target, route and resolver"),
@@ -42,10 +43,11 @@ class Backend(Protocol):
         ...
 
 
-def create_app(backend: Backend) -> web.Application:
-    """Return the aiohttp application serving `backend`."""
+def create_app(backend: Backend, web_config: WebConfig | None = None) -> web.Application:
+    """Return the aiohttp application serving `backend`, behind basic auth if `web_config` has users."""
     h = _Handlers(backend)
-    app = web.Application()
+    middlewares = [auth_middleware(BasicAuth(web_config.users))] if web_config and web_config.users else []
+    app = web.Application(middlewares=middlewares)
     app.router.add_get("/", h.index)
     app.router.add_get("/metrics", h.metrics)
     app.router.add_get("/api/results", h.results)
