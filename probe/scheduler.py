@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.executors.base import BaseExecutor
@@ -70,19 +70,33 @@ class _TaskExecutor(BaseExecutor):  # type: ignore[misc]  # apscheduler is untyp
     def __init__(self) -> None:
         super().__init__()
         self.tasks: dict[str, set[asyncio.Task[None]]] = {}
+        # The slot each job should run at next. Coalescing hands over only the *latest* missed
+        # slot; the lag is measured from the earliest one, so a stalled loop or an overlong
+        # previous run shows as the delay it really caused.
+        self._due: dict[str, datetime] = {}
 
     def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(job, run_times[-1]), name=job.id)
+        run_time = run_times[-1]
+        due = self._due.get(job.id)
+        planned = due if due is not None and due < run_time else run_time
+        interval = getattr(job.trigger, "interval", None)
+        if isinstance(interval, timedelta):
+            self._due[job.id] = run_time + interval
+        task = asyncio.get_running_loop().create_task(self._run(job, run_time, planned), name=job.id)
         self.tasks.setdefault(job.id, set()).add(task)
         task.add_done_callback(lambda t: self._finished(job.id, t))
 
-    async def _run(self, job: Any, run_time: datetime) -> None:
+    async def _run(self, job: Any, run_time: datetime, planned: datetime) -> None:
         late = (datetime.now(UTC) - run_time).total_seconds()
         if job.misfire_grace_time is not None and late > job.misfire_grace_time:
             log.warning("%s: run skipped, %.1f s late", job.id, late)
             return
-        _planned_at.set(run_time.timestamp())
+        _planned_at.set(planned.timestamp())
         await job.func(*job.args, **job.kwargs)
+
+    def forget(self, job_id: str) -> None:
+        """Drop what is known of a job's next slot (it was removed or rescheduled)."""
+        self._due.pop(job_id, None)
 
     def _finished(self, job_id: str, task: asyncio.Task[None]) -> None:
         running = self.tasks.get(job_id, set())
@@ -292,6 +306,7 @@ class Scheduler:
         for job_id in gone:
             self._aps.remove_job(job_id)
             self._executor.cancel(job_id)
+            self._executor.forget(job_id)
             del self._intervals[job_id]
         added = rescheduled = 0
         for job_id, spec in wanted.items():
@@ -305,6 +320,7 @@ class Scheduler:
             elif old != spec.interval:
                 self._aps.modify_job(job_id, misfire_grace_time=_grace(spec.interval))
                 self._aps.reschedule_job(job_id, trigger=self._trigger(job_id, spec.interval))
+                self._executor.forget(job_id)
                 rescheduled += 1
             self._intervals[job_id] = spec.interval
         return added, len(gone), rescheduled
