@@ -31,6 +31,8 @@ ProbeFn = Callable[[Target, Route, ProbeContext], Awaitable[ProbeResult]]
 DnsFn = Callable[[Target, Deadline, ProbeContext], Awaitable[tuple[DnsResult, ...]]]
 
 DEFAULT_CONCURRENCY = 256
+CLOCK_CHECK_SECONDS = 1.0  # how often the wall clock is compared with the monotonic one
+CLOCK_STEP_SECONDS = 1.0  # a jump of the difference larger than this is a step (NTP, VM resume, an admin)
 
 log = logging.getLogger("probe")
 _planned_at: ContextVar[float | None] = ContextVar("planned_at", default=None)
@@ -155,6 +157,7 @@ class Scheduler:
         probe_fn: ProbeFn | None = None,
         dns_fn: DnsFn | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.ctx = ctx
@@ -171,6 +174,9 @@ class Scheduler:
             timezone=UTC, executors={"default": self._executor}, logger=aps_logger
         )
         self._intervals: dict[str, float] = {}
+        self._wall_clock = wall_clock
+        self._clock_watch: asyncio.Task[None] | None = None
+        self.clock_steps = 0
         self._sync(config)
 
     # --- lifecycle ------------------------------------------------------------------
@@ -178,10 +184,15 @@ class Scheduler:
     def start(self) -> None:
         """Start scheduling (inside the running event loop)."""
         self._aps.start()
+        self._clock_watch = asyncio.get_running_loop().create_task(self._watch_clock(), name="clock-watch")
         log.info("scheduler started: %d jobs, concurrency %d", len(self._intervals), self.concurrency)
 
     async def shutdown(self) -> None:
         """Stop scheduling, cancel in-flight probes and wait for them to end."""
+        if self._clock_watch is not None:
+            self._clock_watch.cancel()
+            await asyncio.gather(self._clock_watch, return_exceptions=True)
+            self._clock_watch = None
         if self._aps.running:
             self._aps.shutdown(wait=False)
             while self._aps.running:  # AsyncIOScheduler stops in a loop callback
@@ -288,6 +299,28 @@ class Scheduler:
             log.exception("%s: DNS check raised", target.name)
             error = f"{type(e).__name__}: {e}"
             return tuple(DnsResult(r, Outcome.ERROR, error=error) for r in target.resolvers)
+
+    # --- clock steps ----------------------------------------------------------------
+
+    async def _watch_clock(self) -> None:
+        # APScheduler plans in wall-clock time: after a step back by an hour it would wait an
+        # hour, after a step forward every job would fire at once. The monotonic clock does not
+        # step, so a change of (wall - monotonic) is a step: then every job is planned afresh.
+        offset = self._wall_clock() - time.monotonic()
+        while True:
+            await asyncio.sleep(CLOCK_CHECK_SECONDS)
+            now = self._wall_clock() - time.monotonic()
+            if abs(now - offset) > CLOCK_STEP_SECONDS:
+                log.warning("wall clock stepped by %+.1f s; replanning %d jobs", now - offset, len(self._intervals))
+                self.realign()
+            offset = now
+
+    def realign(self) -> None:
+        """Plan every job's next run afresh from the current wall clock (after the clock stepped)."""
+        self.clock_steps += 1
+        for job_id, interval in self._intervals.items():
+            self._aps.reschedule_job(job_id, trigger=self._trigger(job_id, interval))
+            self._executor.forget(job_id)
 
     # --- jobs -----------------------------------------------------------------------
 

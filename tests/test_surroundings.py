@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -221,3 +222,52 @@ async def test_a_stalled_event_loop_shows_in_the_lag_histogram() -> None:
         after = dict(zip(scheduler.store.lag.bounds, scheduler.store.lag.counts, strict=False))
     late = sum(after[b] - before.get(b, 0) for b in after if b >= 0.5)
     assert late >= 8, "each of the 10 pairs due during the stall reports its 0.4-0.6 s of lag"
+
+
+# --- the wall clock steps -------------------------------------------------------------
+
+
+class SteppingClock:
+    """The wall clock as the scheduler's clock watch sees it; `step` moves it like NTP or an admin would."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def step(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.mark.parametrize("step", [-3600.0, 3600.0], ids=["backwards-an-hour", "forwards-an-hour"])
+async def test_a_clock_step_replans_every_job_and_the_cadence_goes_on(step: float) -> None:
+    cfg = cadence_config(pairs=5, interval="300ms")
+    ctx = ProbeContext(cfg)
+    clock, probe = SteppingClock(), Counting()
+    scheduler = Scheduler(cfg, ctx, ResultStore(cfg), probe_fn=probe, wall_clock=clock)
+    scheduler.start()
+    try:
+        await asyncio.sleep(0.8)
+        # What the step does to APScheduler, which plans in wall-clock time: after a step back
+        # every next run is an hour away; after a step forward every job is an hour overdue.
+        for job_id in scheduler.job_ids():
+            scheduler._aps.modify_job(job_id, next_run_time=datetime.now(UTC) - timedelta(seconds=step))
+        scheduler._aps.wakeup()
+        if step < 0:
+            stalled = len(probe.starts)
+            await asyncio.sleep(0.7)
+            assert len(probe.starts) <= stalled + 5, "without noticing the step, nothing would run for an hour"
+        clock.step(step)
+        await wait_until(lambda: _async(scheduler.clock_steps == 1), timeout=3)
+        since = time.monotonic()
+        await asyncio.sleep(1.5)
+        rate = runs_per_second(probe, since)
+    finally:
+        await scheduler.shutdown()
+        await ctx.close()
+    assert 12 <= rate <= 20, f"5 pairs every 300 ms is ~17 runs/s, saw {rate:.1f}"
+
+
+async def _async(value: bool) -> bool:
+    return value
