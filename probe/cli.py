@@ -93,8 +93,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
         try:
             return asyncio.run(serve(path, args.listen, shard=args.shard, web_config_file=args.web_config_file))
-        except config.ConfigError as e:
-            return _config_failed(path, e)
+        except config.ConfigError as e:  # the targets file, or the web config (which names itself)
+            return _config_failed(getattr(e, "path", path), e)
         except KeyboardInterrupt:
             return EXIT_OK
     try:

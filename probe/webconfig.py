@@ -42,6 +42,14 @@ _CACHE_SIZE = 1024
 _BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 
 
+class WebConfigError(ConfigError):
+    """The web config file is invalid; `path` names it."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        super().__init__(problems)
+        self.path = path
+
+
 @dataclass(frozen=True)
 class TlsServerConfig:
     """The server certificate and key; optionally the CA that client certificates must chain to."""
@@ -78,17 +86,17 @@ def load(path: str) -> WebConfig:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([f"{path}: cannot read the web config: {getattr(e, 'strerror', None) or e}"]) from None
+        raise WebConfigError(path, [f"{path}: cannot read: {getattr(e, 'strerror', None) or e}"]) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError([f"{path}: YAML syntax error{where}"]) from None
+        raise WebConfigError(path, [f"{path}: YAML syntax error{where}"]) from None
     problems: list[str] = []
     config = _parse(raw if raw is not None else {}, Path(path).parent, problems)
     if problems:
-        raise ConfigError([f"{path}: {p}" for p in problems])
+        raise WebConfigError(path, problems)
     return config
 
 

@@ -201,3 +201,15 @@ async def test_secrets_never_reach_api_metrics_logs_or_errors(tmp_path: Path) ->
     assert "socks5h://probe:***@127.0.0.1:1" in results or "127.0.0.1:1" in results
     for text in [*outputs, running.log]:
         assert PROXY_SECRET not in text
+
+
+async def test_probe_run_with_a_bad_web_config_exits_2_naming_the_file_and_field(tmp_path: Path) -> None:
+    from tests.test_cli import run_cli
+
+    web = write(tmp_path / "web.yml", {"basic_auth_users": {"alice": "s3cret-plain", "bob": HASH[:-1]}})
+    code, out, err = await run_cli("run", "-c", monitor_config(tmp_path / "t.yml"), "--listen", "127.0.0.1:0",
+                                   "--web.config.file", web)
+    assert code == 2
+    assert f"{web}: invalid config (2 problems)" in err
+    assert "basic_auth_users.alice: not a bcrypt hash" in err and "basic_auth_users.bob: not a bcrypt hash" in err
+    assert "s3cret-plain" not in err and HASH[:-1] not in err
