@@ -191,16 +191,18 @@ def compression_loop() -> Behaviour:
     return behave
 
 
-def thousands_of_records(count: int = 3000) -> Behaviour:
-    """Answer with `count` A records (about 48 kB, one UDP datagram)."""
+def thousands_of_records(name: str = "storage.example", count: int = 3000) -> Behaviour:
+    """Answer `name` with `count` A records (about 48 kB, one UDP datagram), built up front, under each query's ID."""
+    built: dict[int, bytes] = {}
+    for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        response = dns.message.make_response(dns.message.make_query(name, rdtype, use_edns=0, payload=65535))
+        if rdtype == dns.rdatatype.A:
+            addresses = [f"198.51.{100 + i // 250}.{i % 250 + 1}" for i in range(count)]
+            response.answer.append(dns.rrset.from_text_list(name + ".", 60, dns.rdataclass.IN, "A", addresses))
+        built[rdtype] = response.to_wire(max_size=65535, want_shuffle=False)
 
     async def behave(query: dns.message.Message, transport: Transport) -> list[bytes]:
-        response = dns.message.make_response(query)
-        q = query.question[0]
-        if q.rdtype == dns.rdatatype.A:
-            addresses = [f"198.51.{100 + i // 250}.{i % 250 + 1}" for i in range(count)]
-            response.answer.append(dns.rrset.from_text_list(q.name, 60, dns.rdataclass.IN, "A", addresses))
-        return [response.to_wire(max_size=65535, want_shuffle=False)]
+        return [struct.pack("!H", query.id) + built[query.question[0].rdtype][2:]]
 
     return behave
 
