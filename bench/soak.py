@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 MOODS = ("ok", "ok", "ok", "fail", "reset", "stall", "close")
 ROUTES = ("direct", "b1", "b2", "b3")
@@ -241,6 +242,26 @@ def judge(samples: list[Sample], warmup: float) -> Verdict:
     return Verdict(round(growth, 2), fds0, fds1, tasks0, tasks1, round(rate, 1), flat)
 
 
+def markdown(doc: dict[str, Any], every: int = 6) -> str:
+    """Return a saved run (from --out) as Markdown: its settings, every `every`-th sample, the verdict."""
+    a, v, samples = doc["args"], doc["verdict"], doc["samples"]
+    lines = [
+        f"{a['pairs']} pairs, interval {a['interval']} s, timeout {a['timeout']} s, reload every {a['reload']} s, "
+        f"{a['minutes']} min, warm-up {a['warmup']} s",
+        "",
+        "| t (s) | RSS (MiB) | open fds | asyncio tasks | probes done | reloads | lag p99 (ms, cumulative) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    shown = samples[::every] + ([samples[-1]] if (len(samples) - 1) % every else [])
+    for s in shown:
+        lines.append(f"| {s['t']:.0f} | {s['rss_mib']:.1f} | {s['fds']} | {s['tasks']} | {s['probes']} | "
+                     f"{s['reloads']} | {s['lag_p99_ms']:.0f} |")
+    lines += ["", f"Verdict: RSS {v['rss_growth_percent']:+.2f} % after warm-up (median of the first third against "
+              f"the last), fds {v['fds_first']:.0f} -> {v['fds_last']:.0f}, tasks {v['tasks_first']:.0f} -> "
+              f"{v['tasks_last']:.0f}, {v['probes_per_second']} probes/s: {'FLAT' if v['flat'] else 'NOT FLAT'}."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -254,11 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", help="write samples and verdict as JSON here")
     parser.add_argument("--verbose", action="store_true", help="print each sample to stderr")
+    parser.add_argument("--report", metavar="JSON", help="print a Markdown table of a saved run (from --out) and exit")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--stall", type=float, default=3.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         asyncio.run(_serve(args.serve, args.stall, 5.0, args.seed))
+        return 0
+    if args.report:
+        print(markdown(json.loads(Path(args.report).read_text())))
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("probe").setLevel(logging.WARNING)

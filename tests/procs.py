@@ -41,11 +41,13 @@ async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 
 
 
 @asynccontextmanager
-async def probe_run(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[ProbeProcess]:
+async def probe_run(
+    *args: str, env: dict[str, str] | None = None, log_level: str = "info"
+) -> AsyncIterator[ProbeProcess]:
     """Start `probe run --listen 127.0.0.1:0 ARGS...`; yield once it listens; SIGTERM it afterwards."""
     environment = {k: v for k, v in os.environ.items() if k != "PROBE_VANTAGE"} | (env or {})
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "probe", "--log-level", "info", "run", "--listen", "127.0.0.1:0", *args,
+        sys.executable, "-m", "probe", "--log-level", log_level, "run", "--listen", "127.0.0.1:0", *args,
         stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, env=environment,
     )
     running = ProbeProcess(proc)

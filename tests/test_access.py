@@ -178,7 +178,7 @@ async def test_secrets_never_reach_api_metrics_logs_or_errors(tmp_path: Path) ->
     """A proxy with a password that fails every probe: errors, evidence, logs and reload errors stay clean."""
     cfg = tmp_path / "t.yml"
     monitor_config(cfg)
-    async with probe_run("-c", str(cfg), env={"PROBE_LOG_LEVEL": "debug"}) as running:
+    async with probe_run("-c", str(cfg), log_level="debug") as running:
         async with aiohttp.ClientSession() as http:
             async def proxied_result() -> bool:
                 async with http.get(running.base + "/api/results") as response:
