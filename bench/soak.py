@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import logging
@@ -69,7 +70,7 @@ async def _serve(ports: int, stall: float, mood_seconds: float, seed: int) -> No
     servers = []
     for i in range(ports):
         moods[i] = "ok"
-        server = await asyncio.start_server(lambda r, w, i=i: handle(i, r, w), "127.0.0.1", 0, backlog=512)
+        server = await asyncio.start_server(functools.partial(handle, i), "127.0.0.1", 0, backlog=512)
         servers.append(server)
     print(json.dumps([s.sockets[0].getsockname()[1] for s in servers]), flush=True)
     stop = asyncio.Event()
