@@ -44,6 +44,15 @@ async def endless_chunked_body(reader: asyncio.StreamReader, writer: asyncio.Str
         await writer.drain()
 
 
+async def endless_chunk_size(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer 200 chunked, then a chunk-size line that never ends."""
+    await _request(reader)
+    writer.write(HEAD_OK + b"Transfer-Encoding: chunked\r\n\r\n")
+    while True:
+        writer.write(b"f" * 65536)
+        await writer.drain()
+
+
 async def trickled_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Promise 1000 body bytes, then send one a second."""
     await _request(reader)
