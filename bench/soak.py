@@ -99,6 +99,7 @@ class Sample:
     probes: int
     reloads: int
     lag_p99_ms: float
+    inflight: int = -1  # probes running at the sample (-1: not recorded)
 
 
 def rss_mib() -> float:
@@ -150,11 +151,15 @@ async def soak(args: argparse.Namespace) -> list[Sample]:
         workdir = Path(tempfile.mkdtemp(prefix="soak-"))
         path = workdir / "targets.yml"
         path.write_text(config_text(ports, args.pairs, args.interval, args.timeout, 0))
-        done = 0
+        done = inflight = 0
 
         async def counted(target: Target, route: Route, ctx: ProbeContext) -> ProbeResult:
-            nonlocal done
-            result = await run_probe(target, route, ctx)
+            nonlocal done, inflight
+            inflight += 1
+            try:
+                result = await run_probe(target, route, ctx)
+            finally:
+                inflight -= 1
             done += 1
             return result
 
@@ -181,7 +186,7 @@ async def soak(args: argparse.Namespace) -> list[Sample]:
                     samples.append(Sample(
                         t=round(time.monotonic() - started, 1), rss_mib=round(rss_mib(), 2), fds=open_fds(),
                         tasks=len(asyncio.all_tasks()), probes=done, reloads=reloads,
-                        lag_p99_ms=round(_lag_p99(service) * 1000, 1),
+                        lag_p99_ms=round(_lag_p99(service) * 1000, 1), inflight=inflight,
                     ))
                     if args.verbose:
                         print(json.dumps(asdict(samples[-1])), file=sys.stderr, flush=True)
@@ -217,6 +222,10 @@ class Verdict:
     fds_last: float
     tasks_first: float
     tasks_last: float
+    fds_idle_first: float
+    fds_idle_last: float
+    tasks_idle_first: float
+    tasks_idle_last: float
     probes_per_second: float
     flat: bool
 
@@ -238,9 +247,21 @@ def judge(samples: list[Sample], warmup: float) -> Verdict:
     def grows(a: float, b: float) -> bool:
         return b > a * 1.10 + 5
 
+    # What is left with the in-flight probes taken out (one task and at most one socket each)
+    # must not grow at all: that is where a leak would show.
+    idle = {
+        (k, i): statistics.median(getattr(s, k) - s.inflight for s in part)
+        for k in ("fds", "tasks") for i, part in enumerate((first, last))
+    }
     rate = (steady[-1].probes - steady[0].probes) / max(steady[-1].t - steady[0].t, 1e-9)
-    flat = growth < 5.0 and not grows(fds0, fds1) and not grows(tasks0, tasks1)
-    return Verdict(round(growth, 2), fds0, fds1, tasks0, tasks1, round(rate, 1), flat)
+    flat = (growth < 5.0 and not grows(fds0, fds1) and not grows(tasks0, tasks1)
+            and idle["fds", 1] <= idle["fds", 0] + 2 and idle["tasks", 1] <= idle["tasks", 0] + 2)
+    return Verdict(
+        rss_growth_percent=round(growth, 2), fds_first=fds0, fds_last=fds1, tasks_first=tasks0, tasks_last=tasks1,
+        fds_idle_first=idle["fds", 0], fds_idle_last=idle["fds", 1],
+        tasks_idle_first=idle["tasks", 0], tasks_idle_last=idle["tasks", 1],
+        probes_per_second=round(rate, 1), flat=flat,
+    )
 
 
 def markdown(doc: dict[str, Any], every: int = 6) -> str:
@@ -250,16 +271,22 @@ def markdown(doc: dict[str, Any], every: int = 6) -> str:
         f"{a['pairs']} pairs, interval {a['interval']} s, timeout {a['timeout']} s, reload every {a['reload']} s, "
         f"{a['minutes']} min, warm-up {a['warmup']} s",
         "",
-        "| t (s) | RSS (MiB) | open fds | asyncio tasks | probes done | reloads | lag p99 (ms, cumulative) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| t (s) | RSS (MiB) | open fds | asyncio tasks | probes in flight | probes done | reloads "
+        "| lag p99 (ms, cumulative) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     shown = samples[::every] + ([samples[-1]] if (len(samples) - 1) % every else [])
     for s in shown:
-        lines.append(f"| {s['t']:.0f} | {s['rss_mib']:.1f} | {s['fds']} | {s['tasks']} | {s['probes']} | "
+        lines.append(f"| {s['t']:.0f} | {s['rss_mib']:.1f} | {s['fds']} | {s['tasks']} | {s.get('inflight', '?')} "
+                     f"| {s['probes']} | "
                      f"{s['reloads']} | {s['lag_p99_ms']:.0f} |")
     lines += ["", f"Verdict: RSS {v['rss_growth_percent']:+.2f} % after warm-up (median of the first third against "
               f"the last), fds {v['fds_first']:.0f} -> {v['fds_last']:.0f}, tasks {v['tasks_first']:.0f} -> "
-              f"{v['tasks_last']:.0f}, {v['probes_per_second']} probes/s: {'FLAT' if v['flat'] else 'NOT FLAT'}."]
+              f"{v['tasks_last']:.0f} (medians; without in-flight probes: fds "
+              f"{v.get('fds_idle_first', '?')} -> {v.get('fds_idle_last', '?')}, tasks "
+              f"{v.get('tasks_idle_first', '?')} -> {v.get('tasks_idle_last', '?')}), "
+              f"{v['probes_per_second']} probes/s: "
+              f"{'FLAT' if v['flat'] else 'NOT FLAT'}."]
     return "\n".join(lines)
 
 
@@ -296,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"after {args.warmup:.0f} s warm-up: RSS {verdict.rss_growth_percent:+.2f} %, "
         f"fds {verdict.fds_first:.0f} -> {verdict.fds_last:.0f}, tasks {verdict.tasks_first:.0f} -> "
-        f"{verdict.tasks_last:.0f}, {verdict.probes_per_second} probes/s: {'FLAT' if verdict.flat else 'NOT FLAT'}"
+        f"{verdict.tasks_last:.0f} (medians; without in-flight probes: fds "
+        f"{verdict.fds_idle_first:.0f} -> {verdict.fds_idle_last:.0f}, tasks {verdict.tasks_idle_first:.0f} -> "
+        f"{verdict.tasks_idle_last:.0f}), {verdict.probes_per_second} probes/s: "
+        f"{'FLAT' if verdict.flat else 'NOT FLAT'}"
     )
     if args.out:
         Path(args.out).write_text(json.dumps(
