@@ -17,7 +17,7 @@ import pytest
 async def test_short_soak_with_reloads_ends_flat_in_rss_fds_and_tasks(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.soak", "--minutes", "0.75", "--pairs", "200", "--interval", "1.5",
+        sys.executable, "-m", "bench.soak", "--minutes", "0.75", "--pairs", "160", "--interval", "1",
         "--timeout", "0.5", "--reload", "3", "--sample", "1.5", "--warmup", "25", "--out", str(out),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
@@ -27,5 +27,5 @@ async def test_short_soak_with_reloads_ends_flat_in_rss_fds_and_tasks(tmp_path: 
     assert proc.returncode == 0, stdout.decode() + stderr.decode()
     assert verdict["flat"] and verdict["rss_growth_percent"] < 5.0
     assert samples[-1]["reloads"] >= 10, "config reloads happened all along"
-    assert samples[-1]["probes"] > 200 * 10, "every pair was probed many times"
+    assert samples[-1]["probes"] > 160 * 20, "every pair was probed many times"
     assert b"Traceback" not in stderr, stderr.decode()
