@@ -78,6 +78,7 @@ class _Handlers:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self._rendering: asyncio.Future[bytes] | None = None
+        self._probing: dict[str, asyncio.Future[list[ProbeResult]]] = {}
 
     async def _exposition(self) -> bytes:
         # Exposition costs ~1 ms of CPU per (target, route). Scrapes that arrive while one is being
@@ -88,6 +89,16 @@ class _Handlers:
             self._rendering = asyncio.ensure_future(asyncio.to_thread(generate_latest, registry))
             self._rendering.add_done_callback(self._rendered)
         return await asyncio.shield(self._rendering)
+
+    async def _probe_once(self, name: str) -> list[ProbeResult]:
+        # Requests for a target already being probed share that probe: hammering /probe cannot
+        # multiply the traffic the monitor sends to a target.
+        running = self._probing.get(name)
+        if running is None:
+            running = asyncio.ensure_future(self.backend.probe_target(name))
+            self._probing[name] = running
+            running.add_done_callback(lambda f: self._probing.pop(name, None) if self._probing.get(name) is f else None)
+        return await asyncio.shield(running)
 
     def _rendered(self, future: asyncio.Future[bytes]) -> None:
         if self._rendering is future:
@@ -126,7 +137,7 @@ class _Handlers:
         if not any(t.name == name for t in config.targets):
             # Only configured targets are probed: never an open proxy to arbitrary hosts.
             raise web.HTTPNotFound(text=f"unknown target {name[:100]!r}: not in the config\n")
-        results = await self.backend.probe_target(name)
+        results = await self._probe_once(name)
         scratch = ResultStore(config)
         for r in results:
             scratch.record(r)

@@ -213,3 +213,35 @@ async def test_probe_run_with_a_bad_web_config_exits_2_naming_the_file_and_field
     assert f"{web}: invalid config (2 problems)" in err
     assert "basic_auth_users.alice: not a bcrypt hash" in err and "basic_auth_users.bob: not a bcrypt hash" in err
     assert "s3cret-plain" not in err and HASH[:-1] not in err
+
+
+async def test_concurrent_probe_requests_for_a_target_share_one_probe(tmp_path: Path) -> None:
+    """Hammering /probe cannot turn the monitor into a traffic amplifier against a target."""
+    import asyncio
+    import time
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from probe import config as config_module
+    from probe.models import Outcome, ProbeResult
+    from probe.server import create_app
+    from probe.service import Service
+
+    calls: list[str] = []
+
+    async def slow_probe(target: Any, route: Any, ctx: Any) -> ProbeResult:
+        calls.append(route.name)
+        await asyncio.sleep(0.3)
+        return ProbeResult(target.name, route.name, Outcome.OK, time.time(), 0.3)
+
+    path = monitor_config(tmp_path / "t.yml")
+    service = Service(path, config_module.load(path), probe_fn=slow_probe)
+    try:
+        async with TestClient(TestServer(create_app(service), host="127.0.0.1")) as client:
+            responses = await asyncio.gather(*(client.get("/probe", params={"target": "web"}) for _ in range(20)))
+            assert [r.status for r in responses] == [200] * 20
+            assert sorted(calls) == ["direct", "hk"], "one probe per route for 20 requests"
+            assert (await client.get("/probe", params={"target": "web"})).status == 200
+            assert len(calls) == 4, "a later request probes afresh"
+    finally:
+        await service.close()
