@@ -61,6 +61,23 @@ async def test_dead_system_resolver_is_dns_timeout_by_the_deadline(dead: str, tm
     assert result.outcome is Outcome.DNS_TIMEOUT or dead == "nothing-listens"
 
 
+@pytest.mark.parametrize("content", ["", "# search example.com only\n", None], ids=["empty", "no-nameserver", "missing"])
+async def test_unusable_resolv_conf_is_a_local_error_at_once(content: str | None, tmp_path: Path) -> None:
+    """No nameserver to ask is the monitor's own trouble (`error`), never blamed on the network."""
+    resolv = tmp_path / "resolv.conf"
+    if content is not None:
+        resolv.write_text(content)
+    cfg = config.loads("vantage: t\ntargets: [{name: t, url: 'http://storage.example/', timeout: 1s}]\n")
+    ctx = ProbeContext(cfg, resolv_conf=str(resolv), hosts_file=str(tmp_path / "no-hosts"))
+    try:
+        result = await run_probe(cfg.targets[0], cfg.route("direct"), ctx)
+    finally:
+        await ctx.close()
+    assert result.outcome is Outcome.ERROR and not result.blocked
+    assert str(resolv) in (result.error or "")
+    assert result.duration_seconds < 0.5
+
+
 # --- the scheduler's cadence while the surroundings misbehave -------------------------
 
 
