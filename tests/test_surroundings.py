@@ -61,7 +61,7 @@ async def test_dead_system_resolver_is_dns_timeout_by_the_deadline(dead: str, tm
     assert result.outcome is Outcome.DNS_TIMEOUT or dead == "nothing-listens"
 
 
-@pytest.mark.parametrize("content", ["", "# search example.com only\n", None], ids=["empty", "no-nameserver", "missing"])
+@pytest.mark.parametrize("content", ["", "# search example.com\n", None], ids=["empty", "no-nameserver", "missing"])
 async def test_unusable_resolv_conf_is_a_local_error_at_once(content: str | None, tmp_path: Path) -> None:
     """No nameserver to ask is the monitor's own trouble (`error`), never blamed on the network."""
     resolv = tmp_path / "resolv.conf"
