@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_config(sub.add_parser("run", help="scheduler + HTTP server until SIGTERM; SIGHUP reloads"))
     run.add_argument("--listen", help="host:port for the HTTP server (overrides the config's listen)")
+    run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                     default=os.environ.get("PROBE_WEB_CONFIG"),
+                     help="TLS and basic auth for the endpoints (exporter-toolkit format); env PROBE_WEB_CONFIG")
     run.add_argument("--shard", type=_shard, metavar="I/N",
                      help="run only shard I of N of the targets (replicas of one vantage split the work)")
 
@@ -91,9 +94,9 @@ def _main(argv: Sequence[str] | None) -> int:
         from probe.service import serve
 
         try:
-            return asyncio.run(serve(path, args.listen, shard=args.shard))
-        except config.ConfigError as e:
-            return _config_failed(path, e)
+            return asyncio.run(serve(path, args.listen, shard=args.shard, web_config_file=args.web_config_file))
+        except config.ConfigError as e:  # the targets file, or the web config (which names itself)
+            return _config_failed(getattr(e, "path", path), e)
         except KeyboardInterrupt:
             return EXIT_OK
     try:

@@ -56,6 +56,16 @@ def render(store: ResultStore, config: Config) -> bytes:
     return generate_latest(build_registry(store, config))
 
 
+def snapshot(store: ResultStore, config: Config) -> CollectorRegistry:
+    """Collect the store's families now; the returned registry can be exposed later, in another thread."""
+    registry = CollectorRegistry()
+    registry.register(_Fixed(families(store, config)))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
 def render_target(store: ResultStore, config: Config, target: str) -> bytes:
     """Return the text exposition of one target's series only (for /probe)."""
     registry = CollectorRegistry()

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.executors.base import BaseExecutor
@@ -32,6 +32,8 @@ ProbeFn = Callable[[Target, Route, ProbeContext], Awaitable[ProbeResult]]
 DnsFn = Callable[[Target, Deadline, ProbeContext], Awaitable[tuple[DnsResult, ...]]]
 
 DEFAULT_CONCURRENCY = 256
+CLOCK_CHECK_SECONDS = 1.0  # how often the wall clock is compared with the monotonic one
+CLOCK_STEP_SECONDS = 1.0  # a jump of the difference larger than this is a step (NTP, VM resume, an admin)
 
 log = logging.getLogger("probe")
 _planned_at: ContextVar[float | None] = ContextVar("planned_at", default=None)
@@ -71,19 +73,33 @@ class _TaskExecutor(BaseExecutor):  # type: ignore[misc]  # apscheduler is untyp
     def __init__(self) -> None:
         super().__init__()
         self.tasks: dict[str, set[asyncio.Task[None]]] = {}
+        # The slot each job should run at next. Coalescing hands over only the *latest* missed
+        # slot; the lag is measured from the earliest one, so a stalled loop or an overlong
+        # previous run shows as the delay it really caused.
+        self._due: dict[str, datetime] = {}
 
     def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(job, run_times[-1]), name=job.id)
+        run_time = run_times[-1]
+        due = self._due.get(job.id)
+        planned = due if due is not None and due < run_time else run_time
+        interval = getattr(job.trigger, "interval", None)
+        if isinstance(interval, timedelta):
+            self._due[job.id] = run_time + interval
+        task = asyncio.get_running_loop().create_task(self._run(job, run_time, planned), name=job.id)
         self.tasks.setdefault(job.id, set()).add(task)
         task.add_done_callback(lambda t: self._finished(job.id, t))
 
-    async def _run(self, job: Any, run_time: datetime) -> None:
+    async def _run(self, job: Any, run_time: datetime, planned: datetime) -> None:
         late = (datetime.now(UTC) - run_time).total_seconds()
         if job.misfire_grace_time is not None and late > job.misfire_grace_time:
             log.warning("%s: run skipped, %.1f s late", job.id, late)
             return
-        _planned_at.set(run_time.timestamp())
+        _planned_at.set(planned.timestamp())
         await job.func(*job.args, **job.kwargs)
+
+    def forget(self, job_id: str) -> None:
+        """Drop what is known of a job's next slot (it was removed or rescheduled)."""
+        self._due.pop(job_id, None)
 
     def _finished(self, job_id: str, task: asyncio.Task[None]) -> None:
         running = self.tasks.get(job_id, set())
@@ -142,6 +158,7 @@ class Scheduler:
         probe_fn: ProbeFn | None = None,
         dns_fn: DnsFn | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.ctx = ctx
@@ -158,6 +175,9 @@ class Scheduler:
             timezone=UTC, executors={"default": self._executor}, logger=aps_logger
         )
         self._intervals: dict[str, float] = {}
+        self._wall_clock = wall_clock
+        self._clock_watch: asyncio.Task[None] | None = None
+        self.clock_steps = 0
         self._sync(config)
 
     # --- lifecycle ------------------------------------------------------------------
@@ -165,10 +185,15 @@ class Scheduler:
     def start(self) -> None:
         """Start scheduling (inside the running event loop)."""
         self._aps.start()
+        self._clock_watch = asyncio.get_running_loop().create_task(self._watch_clock(), name="clock-watch")
         log.info("scheduler started: %d jobs, concurrency %d", len(self._intervals), self.concurrency)
 
     async def shutdown(self) -> None:
         """Stop scheduling, cancel in-flight probes and wait for them to end."""
+        if self._clock_watch is not None:
+            self._clock_watch.cancel()
+            await asyncio.gather(self._clock_watch, return_exceptions=True)
+            self._clock_watch = None
         if self._aps.running:
             self._aps.shutdown(wait=False)
             while self._aps.running:  # AsyncIOScheduler stops in a loop callback
@@ -277,6 +302,28 @@ class Scheduler:
             error = f"{type(e).__name__}: {e}"
             return tuple(DnsResult(r, Outcome.ERROR, error=error) for r in target.resolvers)
 
+    # --- clock steps ----------------------------------------------------------------
+
+    async def _watch_clock(self) -> None:
+        # APScheduler plans in wall-clock time: after a step back by an hour it would wait an
+        # hour, after a step forward every job would fire at once. The monotonic clock does not
+        # step, so a change of (wall - monotonic) is a step: then every job is planned afresh.
+        offset = self._wall_clock() - time.monotonic()
+        while True:
+            await asyncio.sleep(CLOCK_CHECK_SECONDS)
+            now = self._wall_clock() - time.monotonic()
+            if abs(now - offset) > CLOCK_STEP_SECONDS:
+                log.warning("wall clock stepped by %+.1f s; replanning %d jobs", now - offset, len(self._intervals))
+                self.realign()
+            offset = now
+
+    def realign(self) -> None:
+        """Plan every job's next run afresh from the current wall clock (after the clock stepped)."""
+        self.clock_steps += 1
+        for job_id, interval in self._intervals.items():
+            self._aps.reschedule_job(job_id, trigger=self._trigger(job_id, interval))
+            self._executor.forget(job_id)
+
     # --- jobs -----------------------------------------------------------------------
 
     def _wanted(self, config: Config) -> dict[str, _JobSpec]:
@@ -294,6 +341,7 @@ class Scheduler:
         for job_id in gone:
             self._aps.remove_job(job_id)
             self._executor.cancel(job_id)
+            self._executor.forget(job_id)
             del self._intervals[job_id]
         added = rescheduled = 0
         for job_id, spec in wanted.items():
@@ -307,6 +355,7 @@ class Scheduler:
             elif old != spec.interval:
                 self._aps.modify_job(job_id, misfire_grace_time=_grace(spec.interval))
                 self._aps.reschedule_job(job_id, trigger=self._trigger(job_id, spec.interval))
+                self._executor.forget(job_id)
                 rescheduled += 1
             self._intervals[job_id] = spec.interval
         return added, len(gone), rescheduled

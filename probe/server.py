@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 from typing import Protocol
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from probe import ranking
 from probe.config import Config
-from probe.metrics import render, render_target
+from probe.metrics import render_target, snapshot
 from probe.models import ProbeResult
 from probe.store import ResultStore
+from probe.webconfig import BasicAuth, WebConfig, auth_middleware
 
 ENDPOINTS = (
     ("/metrics", "GET", "Prometheus metrics of every target, route and resolver"),
@@ -42,10 +44,11 @@ class Backend(Protocol):
         ...
 
 
-def create_app(backend: Backend) -> web.Application:
-    """Return the aiohttp application serving `backend`."""
+def create_app(backend: Backend, web_config: WebConfig | None = None) -> web.Application:
+    """Return the aiohttp application serving `backend`, behind basic auth if `web_config` has users."""
     h = _Handlers(backend)
-    app = web.Application()
+    middlewares = [auth_middleware(BasicAuth(web_config.users))] if web_config and web_config.users else []
+    app = web.Application(middlewares=middlewares)
     app.router.add_get("/", h.index)
     app.router.add_get("/metrics", h.metrics)
     app.router.add_get("/api/results", h.results)
@@ -74,6 +77,32 @@ def results_json(store: ResultStore, config: Config) -> dict[str, object]:
 class _Handlers:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self._rendering: asyncio.Future[bytes] | None = None
+        self._probing: dict[str, asyncio.Future[list[ProbeResult]]] = {}
+
+    async def _exposition(self) -> bytes:
+        # Exposition costs ~1 ms of CPU per (target, route). Scrapes that arrive while one is being
+        # rendered share it, and the text is generated in a thread from a snapshot taken on the
+        # loop: many, pipelined or slow scrapers never stall the scheduler nor multiply the work.
+        if self._rendering is None:
+            registry = snapshot(self.backend.store, self.backend.config)
+            self._rendering = asyncio.ensure_future(asyncio.to_thread(generate_latest, registry))
+            self._rendering.add_done_callback(self._rendered)
+        return await asyncio.shield(self._rendering)
+
+    async def _probe_once(self, name: str) -> list[ProbeResult]:
+        # Requests for a target already being probed share that probe: hammering /probe cannot
+        # multiply the traffic the monitor sends to a target.
+        running = self._probing.get(name)
+        if running is None:
+            running = asyncio.ensure_future(self.backend.probe_target(name))
+            self._probing[name] = running
+            running.add_done_callback(lambda f: self._probing.pop(name, None) if self._probing.get(name) is f else None)
+        return await asyncio.shield(running)
+
+    def _rendered(self, future: asyncio.Future[bytes]) -> None:
+        if self._rendering is future:
+            self._rendering = None
 
     async def index(self, request: web.Request) -> web.Response:
         config = self.backend.config
@@ -91,7 +120,7 @@ class _Handlers:
         return web.Response(text=body, content_type="text/html")
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = render(self.backend.store, self.backend.config)
+        body = await self._exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def results(self, request: web.Request) -> web.Response:
@@ -108,7 +137,7 @@ class _Handlers:
         if not any(t.name == name for t in config.targets):
             # Only configured targets are probed: never an open proxy to arbitrary hosts.
             raise web.HTTPNotFound(text=f"unknown target {name[:100]!r}: not in the config\n")
-        results = await self.backend.probe_target(name)
+        results = await self._probe_once(name)
         scratch = ResultStore(config)
         for r in results:
             scratch.record(r)

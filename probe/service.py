@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from probe import config as config_module
+from probe import webconfig
 from probe.config import Config, ConfigError, parse_hostport
 from probe.context import ProbeContext
 from probe.models import ProbeResult
@@ -112,9 +113,11 @@ async def serve(
     dns_fn: DnsFn | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
     shard: tuple[int, int] | None = None,
+    web_config_file: str | None = None,
 ) -> int:
     """Run the monitor until SIGTERM or SIGINT; return the exit status. Raises ConfigError on a bad config."""
     cfg = load_config(config_path, shard)
+    web_config = webconfig.load(web_config_file) if web_config_file else webconfig.WebConfig()
     address = listen or cfg.listen
     try:
         host, port = listen_address(address)
@@ -125,7 +128,7 @@ async def serve(
     if shard is not None:
         log.info("shard %d/%d: %d targets are this replica's", shard[0] + 1, shard[1], len(cfg.targets))
     runner = web.AppRunner(
-        create_app(service), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+        create_app(service, web_config), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -136,11 +139,13 @@ async def serve(
     try:
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            ssl_context = web_config.tls.context() if web_config.tls is not None else None
+            await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         except OSError as e:
             log.error("cannot listen on %s: %s", address, e.strerror or e)
             return 1
-        bound = ", ".join(_url(a) for a in runner.addresses)
+        scheme = "https" if web_config.tls is not None else "http"
+        bound = ", ".join(_url(a, scheme) for a in runner.addresses)
         log.info("listening on %s (vantage %s, %d targets)", bound, cfg.vantage, len(cfg.targets))
         service.start()
         await stop.wait()
@@ -169,8 +174,8 @@ def listen_address(text: str) -> tuple[str, int]:
     return parse_hostport(text)
 
 
-def _url(address: object) -> str:
+def _url(address: object, scheme: str = "http") -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         host = str(address[0])
-        return f"http://[{host}]:{address[1]}" if ":" in host else f"http://{host}:{address[1]}"
+        return f"{scheme}://[{host}]:{address[1]}" if ":" in host else f"{scheme}://{host}:{address[1]}"
     return str(address)

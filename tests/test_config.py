@@ -161,6 +161,24 @@ INVALID: list[tuple[str, list[str]]] = [
         "invalid-yaml-syntax.yml",
         ["{file}: YAML syntax error at line 5, column 4: expected <block end>, but found '<block mapping start>'"],
     ),
+    (
+        "invalid-yaml-duplicate-key.yml",
+        ["{file}: YAML syntax error at line 5, column 5: duplicate key 'url' (first at line 4)"],
+    ),
+    (
+        "invalid-yaml-tab-indent.yml",
+        ["{file}: YAML syntax error at line 3, column 1: found character '\\t' that cannot start any token"],
+    ),
+    (
+        "invalid-proxy-malformed.yml",
+        [
+            "routes[0].proxy: bad proxy 'socks5h://[::1': Invalid IPv6 URL",
+            "routes[1].proxy: bad proxy 'http://***@:3128': needs host:port",
+            "routes[2].proxy: bad proxy 'http://h.example:99999': bad port",
+            "routes[3].proxy: bad proxy 'socks5://h.example:1080/path?x': only scheme://[user:pass@]host:port",
+            "routes[4].proxy: must be a proxy URL, not a number",
+        ],
+    ),
     ("invalid-empty.yml", ["{file}: the config is empty; it needs at least 'targets'"]),
     ("invalid-top-level-not-mapping.yml", ["{file}: the config must be a mapping with 'targets', not a list"]),
     ("invalid-canaries-not-ips.yml", ["canaries[1]: 'canary.example' is not an IP address"]),

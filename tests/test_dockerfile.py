@@ -178,3 +178,15 @@ def test_healthcheck_fails_when_nothing_listens(health_server: http.server.Threa
     health_server.shutdown()
     health_server.server_close()
     assert healthcheck_exit_code(port) == 1
+
+
+def test_the_config_is_read_only_for_the_user_that_runs() -> None:
+    """The shipped config belongs to root (COPY without --chown), the process runs as 10001: it can read, not write."""
+    copies = arguments("COPY")
+    config_copy = [c for c in copies if c.endswith("/etc/probe/targets.yml")]
+    assert config_copy and not any("--chown" in c or "--chmod" in c for c in config_copy)
+    for run in arguments("RUN"):
+        assert "/etc/probe" not in run, "no RUN step may hand /etc/probe to the probe user"
+    kinds = [kw for kw, _ in instructions()]
+    assert kinds.index("USER") > max(i for i, (kw, a) in enumerate(instructions()) if kw == "COPY")
+    assert "VOLUME" not in kinds  # nothing writable is declared: the container can run with --read-only

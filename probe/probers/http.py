@@ -127,7 +127,13 @@ async def _fetch(
 
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, trace: Trace) -> object:
     while True:
-        event = conn.next_event()
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as e:
+            if e.error_status_hint == 431:  # h11's "Receive buffer too long": an event over the limit
+                what = "response head" if trace.stage is Stage.REQUEST else "chunk header or trailer"
+                raise Unexpected(f"{what} larger than {MAX_HEADER_BYTES} bytes: not an honest server") from e
+            raise
         if event is h11.NEED_DATA:
             data = await reader.read(READ_CHUNK)
             if not data and trace.stage is Stage.REQUEST:
