@@ -1,0 +1,137 @@
+"""The loopback scenarios: CPU per probe for both tools, the project's highest sustained rate, scale."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import lab
+from bench.figures import Scrape, lag_between, write_config
+from bench.procstat import CpuMeter, load_average, memory
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Env:
+    """What every scenario shares: the work directory, the PKI and the running targets."""
+
+    workdir: Path
+    pki: lab.Pki
+    targets: lab.Proc
+    ports: dict[str, int]
+
+    def url(self, kind: str) -> str:
+        return f"https://{HOST}:{self.ports['https']}/" if kind == "https" else f"{HOST}:{self.ports['tcp']}"
+
+
+def _scrape(base: str) -> Scrape:
+    body, _ = lab.http_get(base + "/metrics", timeout=60)
+    return Scrape(body.decode())
+
+
+def project_cpu(env: Env, kind: str, rate: int, seconds: float, interval: float = 1.0) -> dict[str, object]:
+    """Run the project at `rate` probes/s of `kind`; return CPU seconds per 1,000 probes and lag."""
+    n = max(1, round(rate * interval))
+    cfg = write_config(env.workdir / f"cpu-{kind}-{rate}.yml", [env.url(kind)] * n, interval=interval,
+                       ca_file=env.pki.ca_file)
+    with lab.project(env.workdir, str(cfg), f"{kind}-{rate}") as (proc, base):
+        time.sleep(interval * 2 + 1)  # every job has run at least once: the steady state
+        meter = CpuMeter({"project": proc.pid, "targets": env.targets.pid})
+        before = _scrape(base)
+        meter.start()
+        load = load_average()
+        time.sleep(seconds)
+        after = _scrape(base)
+        cpu = meter.stop()
+        rss = memory(proc.pid)
+    probes = after.total_runs - before.total_runs
+    ok = after.runs.get("ok", 0.0) - before.runs.get("ok", 0.0)
+    return {
+        "tool": "probe", "kind": kind, "rate_wanted": rate, "targets": n, "interval_seconds": interval,
+        "probes": probes, "ok": ok, "rate": probes / cpu["wall"],
+        "cpu_seconds": cpu["project"], "cpu_ms_per_probe": 1000 * cpu["project"] / max(probes, 1),
+        "cpu_seconds_per_1000": 1000 * cpu["project"] / max(probes, 1),
+        "cpu_share_of_a_core": cpu["project"] / cpu["wall"],
+        "targets_cpu_share_of_a_core": cpu["targets"] / cpu["wall"],
+        "targets_cpu_ms_per_probe": 1000 * cpu["targets"] / max(probes, 1),
+        "lag": lag_between(before, after), "rss_bytes": rss.get("VmRSS"), "load_average": load,
+    }
+
+
+def blackbox_cpu(env: Env, kind: str, rate: int, seconds: float) -> dict[str, object]:
+    """Drive blackbox_exporter's /probe at `rate`/s with `kind` probes; return CPU per 1,000 probes."""
+    with lab.blackbox(env.workdir, env.pki, f"{kind}-{rate}") as (proc, exporter):
+        target = env.url(kind) if kind == "https" else env.url("tcp")
+        load = load_average()
+        driver = lab.start_driver(env.workdir, exporter, kind, [target], rate, seconds, f"{kind}-{rate}")
+        meter = CpuMeter({"blackbox": proc.pid, "targets": env.targets.pid})
+        meter.start()
+        result = json.loads(driver.wait(timeout=seconds + 60))
+        cpu = meter.stop()
+    cpu["driver"] = result["cpu_seconds"]
+    probes = result["sent"]
+    return {
+        "tool": "blackbox_exporter", "kind": kind, "rate_wanted": rate, "probes": probes, "ok": result["ok"],
+        "rate": probes / cpu["wall"], "cpu_seconds": cpu["blackbox"],
+        "cpu_ms_per_probe": 1000 * cpu["blackbox"] / max(probes, 1),
+        "cpu_seconds_per_1000": 1000 * cpu["blackbox"] / max(probes, 1),
+        "cpu_share_of_a_core": cpu["blackbox"] / cpu["wall"],
+        "targets_cpu_share_of_a_core": cpu["targets"] / cpu["wall"],
+        "targets_cpu_ms_per_probe": 1000 * cpu["targets"] / max(probes, 1),
+        "driver_cpu_share_of_a_core": cpu["driver"] / cpu["wall"],
+        "driver_cpu_ms_per_probe": 1000 * cpu["driver"] / max(probes, 1),
+        "driver_lateness_p99": result["lateness_p99"], "load_average": load,
+    }
+
+
+def max_rate(env: Env, rates: list[int], seconds: float, interval: float) -> dict[str, object]:
+    """Step up the HTTPS rate; return every step and the highest with lag p99 < 100 ms and all probes ok."""
+    steps = []
+    best = 0.0
+    for rate in rates:
+        step = project_cpu(env, "https", rate, seconds, interval=interval)
+        lag = step["lag"]
+        assert isinstance(lag, dict)
+        achieved = float(step["rate"])  # type: ignore[arg-type]
+        ok_share = float(step["ok"]) / max(float(step["probes"]), 1.0)  # type: ignore[arg-type]
+        step["sustained"] = lag["share_within_100ms"] >= 0.99 and ok_share >= 0.99 and achieved >= 0.97 * rate
+        steps.append(step)
+        if not step["sustained"]:
+            break
+        best = max(best, achieved)
+    return {"steps": steps, "highest_sustained_rate": best}
+
+
+def scale(env: Env, pairs: int, scrapes: int = 5) -> dict[str, object]:
+    """Configure `pairs` (target, route) pairs; once all have results, time /metrics and read the peak RSS."""
+    routes = 2
+    n = pairs // routes
+    interval = max(4.0, pairs / 400)
+    cfg = write_config(env.workdir / f"scale-{pairs}.yml", [env.url("https")] * n, interval=interval,
+                       timeout=min(5.0, interval), ca_file=env.pki.ca_file, routes=routes)
+    with lab.project(env.workdir, str(cfg), f"scale-{pairs}") as (proc, base):
+        time.sleep(interval + 2)
+        deadline = time.monotonic() + interval * 2
+        body, _ = lab.http_get(base + "/metrics", timeout=60)
+        scrape = Scrape(body.decode())
+        while scrape.success_series < n * routes and time.monotonic() < deadline:
+            time.sleep(1)
+            body, _ = lab.http_get(base + "/metrics", timeout=60)
+            scrape = Scrape(body.decode())
+        load = load_average()
+        times = []
+        for _ in range(scrapes):
+            body, took = lab.http_get(base + "/metrics", timeout=60)
+            times.append(took)
+        scrape = Scrape(body.decode())
+        rss = memory(proc.pid)
+    return {
+        "pairs": n * routes, "interval_seconds": interval, "pairs_with_results": scrape.success_series,
+        "metrics_seconds_median": statistics.median(times), "metrics_seconds_max": max(times),
+        "metrics_bytes": len(body), "metrics_samples": scrape.samples,
+        "peak_rss_bytes": rss.get("VmHWM"), "rss_bytes": rss.get("VmRSS"), "load_average": load,
+    }
