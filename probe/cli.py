@@ -86,10 +86,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return demo_main(args)
     path = args.config or default_config_path()
     if args.command == "run":
+        from probe.loop import run as run_loop
         from probe.service import serve
 
         try:
-            return asyncio.run(serve(path, args.listen, shard=args.shard))
+            return run_loop(serve(path, args.listen, shard=args.shard))
         except config.ConfigError as e:
             return _config_failed(path, e)
         except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import ssl
 from collections.abc import Awaitable, Callable
@@ -88,17 +89,22 @@ def failure_evidence(trace: Trace, outcome: Outcome, exc: BaseException) -> str:
             return str(exc) or describe(exc)
 
 
+# Parsing an address costs more than the rest of resolve(); the answer never changes.
+_is_ip = functools.lru_cache(maxsize=16384)(is_ip)
+
+
 async def resolve(host: str, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> str:
     """Return the address to connect to for `host` over `route`, timing the `resolve` phase.
 
     socks5h and HTTP proxies resolve the name themselves (so local poisoning cannot touch
     it): the name is passed on unresolved and no `resolve` phase is recorded.
     """
-    if route.proxy is not None and route.proxy.scheme != "socks5" and not is_ip(host):
+    literal = _is_ip(host)
+    if route.proxy is not None and route.proxy.scheme != "socks5" and not literal:
         trace.address = host
         return host
     with trace.phase(Phase.RESOLVE, Stage.RESOLVE):
-        if is_ip(host):
+        if literal:
             address = host
         else:
             resolver = ctx.config.route_resolver(route)
