@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from probe import ranking
 from probe.config import Config
-from probe.metrics import render, render_target
+from probe.metrics import render_chunks, render_target
 from probe.models import ProbeResult
 from probe.store import ResultStore
 
@@ -90,9 +90,15 @@ class _Handlers:
         )
         return web.Response(text=body, content_type="text/html")
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        body = render(self.backend.store, self.backend.config)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        # Written in chunks: at 10,000 pairs the text is ~100 MB, which need never be whole in
+        # memory, and probes keep running between chunks.
+        resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
+        await resp.prepare(request)
+        for chunk in render_chunks(self.backend.store, self.backend.config):
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
 
     async def results(self, request: web.Request) -> web.Response:
         return web.json_response(results_json(self.backend.store, self.backend.config))
