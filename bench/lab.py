@@ -128,6 +128,27 @@ def http_get(url: str, timeout: float = 30.0) -> tuple[bytes, float]:
     return body, time.perf_counter() - t0
 
 
+def timed_fetch(base: str, path: str, timeout: float = 60.0) -> tuple[bytes, float]:
+    """GET base+path over a raw HTTP/1.0 socket; return the body and the seconds to its last byte.
+
+    For /metrics timings: urllib's chunked decoding costs more CPU than the server's work at
+    100 MB, and the benchmark's own client must not be what is measured.
+    """
+    host, _, port = base.removeprefix("http://").rpartition(":")
+    t0 = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        chunks, buf = [], bytearray(1 << 20)
+        while n := s.recv_into(buf):
+            chunks.append(bytes(buf[:n]))
+    took = time.perf_counter() - t0
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"GET {path}: {head[:200]!r}")
+    return body, took
+
+
 def wait_healthy(proc: Proc, url: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench import lab
 from bench.figures import Scrape, lag_between, write_config
-from bench.procstat import CpuMeter, load_average, memory
+from bench.procstat import CpuMeter, cpu_seconds, load_average, memory
 
 HOST = "127.0.0.1"
 
@@ -124,14 +124,16 @@ def scale(env: Env, pairs: int, scrapes: int = 5) -> dict[str, object]:
             scrape = Scrape(body.decode())
         load = load_average()
         times = []
+        cpu0 = cpu_seconds(proc.pid)
         for _ in range(scrapes):
-            body, took = lab.http_get(base + "/metrics", timeout=60)
+            body, took = lab.timed_fetch(base, "/metrics")
             times.append(took)
+        scrape_cpu = (cpu_seconds(proc.pid) - cpu0) / scrapes
         scrape = Scrape(body.decode())
         rss = memory(proc.pid)
     return {
         "pairs": n * routes, "interval_seconds": interval, "pairs_with_results": scrape.success_series,
         "metrics_seconds_median": statistics.median(times), "metrics_seconds_max": max(times),
-        "metrics_bytes": len(body), "metrics_samples": scrape.samples,
+        "metrics_cpu_seconds": scrape_cpu, "metrics_bytes": len(body), "metrics_samples": scrape.samples,
         "peak_rss_bytes": rss.get("VmHWM"), "rss_bytes": rss.get("VmRSS"), "load_average": load,
     }

@@ -46,11 +46,11 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
 
 def value(v: float) -> str:
     """Return a sample value as the text format writes it."""
+    if math.isfinite(v):
+        return repr(float(v))
     if v != v:
         return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v))
+    return "+Inf" if v > 0 else "-Inf"
 
 
 def label_value(text: str) -> str:
@@ -60,35 +60,50 @@ def label_value(text: str) -> str:
     return text
 
 
-def _braces(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")
+class _Lines:
+    """One pair's lines of a family: fixed text around the pair's labels and each value.
+
+    A line is `head[i] + labels + tail[i] + value + "\\n"`; writing a pair is two slice
+    assignments and one join, all in C, instead of parsing a format string per pair.
+    """
+
+    __slots__ = ("n", "pieces")
+
+    def __init__(self, heads: list[str], tails: list[str]) -> None:
+        self.n = len(heads)
+        self.pieces: list[str] = []
+        for head, tail in zip(heads, tails, strict=True):
+            self.pieces += [head, "", tail, "", "\n"]
+
+    def write(self, labels: str, values: Iterable[str]) -> str:
+        buf = self.pieces.copy()
+        buf[1::5] = itertools.repeat(labels, self.n)
+        buf[3::5] = values
+        return "".join(buf)
+
+
+def _per_value(name: str, label: str, values: Iterable[str]) -> _Lines:
+    vs = list(values)
+    return _Lines([f"{name}{{"] * len(vs), [f',{label}="{v}"}} ' for v in vs])
 
 
 @lru_cache(maxsize=8)
-def _histogram_template(bounds: tuple[float, ...]) -> str:
-    """Return the format string of all phases of one pair: {0} = pair labels, then bucket counts, count, sum."""
+def _histogram_lines(bounds: tuple[float, ...]) -> _Lines:
+    """Return the lines of all phases of one pair: per phase its buckets, then count and sum."""
     les = [*("+Inf" if math.isinf(b) else repr(float(b)) for b in bounds), "+Inf"]
-    lines, i = [], 1
+    heads: list[str] = []
+    tails: list[str] = []
     for phase in _PHASES:
-        for le in les:
-            lines.append(f'probe_phase_seconds_bucket{{{{{{0}},phase="{phase}",le="{le}"}}}} {{{i}}}\n')
-            i += 1
-        lines.append(f'probe_phase_seconds_count{{{{{{0}},phase="{phase}"}}}} {{{i}}}\n')
-        lines.append(f'probe_phase_seconds_sum{{{{{{0}},phase="{phase}"}}}} {{{i + 1}}}\n')
-        i += 2
-    return "".join(lines)
+        heads += ["probe_phase_seconds_bucket{"] * len(les)
+        tails += [f',phase="{phase}",le="{le}"}} ' for le in les]
+        heads += ["probe_phase_seconds_count{", "probe_phase_seconds_sum{"]
+        tails += [f',phase="{phase}"}} '] * 2
+    return _Lines(heads, tails)
 
 
-def _per_value_template(name: str, label: str, values: Iterable[str]) -> str:
-    """Return `name{{0},label="v"} {i}` lines, one per value: {0} = pair labels."""
-    return "".join(
-        f'{name}{{{{{{0}},{label}="{_braces(v)}"}}}} {{{i}}}\n' for i, v in enumerate(values, start=1)
-    )
-
-
-_OUTCOME_T = _per_value_template("probe_outcome", "outcome", (o.value for o in _OUTCOMES))
-_RUNS_T = _per_value_template("probe_runs_total", "outcome", (o.value for o in _OUTCOMES))
-_HTTP_PHASES_T = _per_value_template("probe_http_duration_seconds", "phase", (p.value for p in _PHASES))
+_OUTCOME_LINES = _per_value("probe_outcome", "outcome", (o.value for o in _OUTCOMES))
+_RUNS_LINES = _per_value("probe_runs_total", "outcome", (o.value for o in _OUTCOMES))
+_HTTP_PHASE_LINES = _per_value("probe_http_duration_seconds", "phase", (p.value for p in _PHASES))
 _ONE_HOT = {o: ["1.0" if x is o else "0.0" for x in _OUTCOMES] for o in _OUTCOMES}
 _NONE_HOT = ["0.0"] * len(_OUTCOMES)
 
@@ -145,7 +160,7 @@ def _family_lines(
         if r is None or p.kind is not TargetKind.HTTP:
             return ""
         got = r.phases
-        return _HTTP_PHASES_T.format(p.labels, *(value(got.get(ph, 0.0)) for ph in _PHASES))
+        return _HTTP_PHASE_LINES.write(p.labels, [value(got.get(ph, 0.0)) for ph in _PHASES])
 
     def status(p: _Pair) -> str:
         r = p.result
@@ -167,7 +182,7 @@ def _family_lines(
 
     def outcome(p: _Pair) -> str:
         r = p.result
-        return _OUTCOME_T.format(p.labels, *(_NONE_HOT if r is None else _ONE_HOT[r.outcome]))
+        return _OUTCOME_LINES.write(p.labels, _NONE_HOT if r is None else _ONE_HOT[r.outcome])
 
     def blocked(p: _Pair) -> str:
         r = p.result
@@ -181,7 +196,7 @@ def _family_lines(
 
     def runs(p: _Pair) -> str:
         counts = store.runs(p.target, p.route)
-        return _RUNS_T.format(p.labels, *(value(counts.get(o, 0)) for o in _OUTCOMES))
+        return _RUNS_LINES.write(p.labels, [str(counts.get(o, 0)) for o in _OUTCOMES])
 
     def phases(p: _Pair) -> str:
         return _phase_block(store, p.target, p.route, p.labels)
@@ -210,12 +225,13 @@ def _family_lines(
 
 
 def _phase_block(store: ResultStore, target: str, route: str, labels: str) -> str:
-    hists = [store.phase_histogram(target, route, p) or _EMPTY for p in _PHASES]
-    template = _histogram_template(hists[0].bounds)
-    args: list[object] = [labels]
-    for h in hists:
-        cumulative = list(itertools.accumulate(h.counts))
-        args += cumulative
-        args.append(cumulative[-1])
-        args.append(value(h.sum))
-    return template.format(*args)
+    values: list[str] = []
+    bounds = _EMPTY.bounds
+    for phase in _PHASES:
+        h = store.phase_histogram(target, route, phase) or _EMPTY
+        bounds = h.bounds
+        cumulative = list(map(str, itertools.accumulate(h.counts)))
+        values += cumulative
+        values.append(cumulative[-1])
+        values.append(value(h.sum))
+    return _histogram_lines(bounds).write(labels, values)

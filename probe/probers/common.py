@@ -13,7 +13,7 @@ from probe.classify import Stage, classify, describe
 from probe.config import Route, Target, is_ip
 from probe.context import ProbeContext
 from probe.models import Deadline, Outcome, Phase, ProbeResult
-from probe.trace import Trace
+from probe.trace import PhaseTimes, Trace
 
 Body = Callable[[Target, Route, Deadline, ProbeContext, Trace], Awaitable[None]]
 
@@ -39,7 +39,7 @@ async def run_traced(
         outcome=outcome,
         started_at=trace.wall_started,
         duration_seconds=trace.elapsed(),
-        phases=dict(trace.phases),
+        phases=PhaseTimes(trace.phases),
         address=trace.address,
         http_status=trace.http_status,
         throughput_bytes_per_second=trace.throughput,
