@@ -38,13 +38,16 @@ class Plan:
     rate_seconds: float
     rate_interval: float
     pairs: list[int]
+    scale_rounds: list[int]
+    scale_min_interval: float
     accuracy_seconds: float
     in_flight: int
     delay_ms: float
 
 
-FULL = Plan(300, 20, [200, 400, 500, 600, 700, 800, 900, 1000, 1200], 12, 2.0, [1000, 10000], 12, 200, 20.0)
-SMOKE = Plan(20, 2, [10, 20], 2, 1.0, [20, 100], 2, 20, 20.0)
+FULL = Plan(300, 20, [200, 400, 500, 600, 700, 800, 900, 1000, 1200], 12, 2.0, [1000, 10000], [20, 3], 4.0, 12,
+            200, 20.0)
+SMOKE = Plan(20, 2, [20], 2, 1.0, [20, 100], [3, 3], 0.5, 2, 20, 20.0)
 
 
 def run(plan: Plan, workdir: Path, skip_accuracy: bool) -> dict[str, Any]:
@@ -68,7 +71,10 @@ def run(plan: Plan, workdir: Path, skip_accuracy: bool) -> dict[str, Any]:
                 cpu[kind]["blackbox"]["cpu_seconds_per_1000"], 1e-9)
         out["cpu"] = cpu
         out["rate"] = scenarios.max_rate(env, plan.rates, plan.rate_seconds, plan.rate_interval)
-        out["scale"] = [scenarios.scale(env, pairs) for pairs in plan.pairs]
+        out["scale"] = [
+            scenarios.scale(env, pairs, rounds, min_interval=plan.scale_min_interval)
+            for pairs, rounds in zip(plan.pairs, plan.scale_rounds, strict=True)
+        ]
     finally:
         targets.stop()
     if skip_accuracy:
@@ -94,13 +100,21 @@ def table(r: dict[str, Any]) -> str:
             c["ratio"] <= TARGETS["cpu_ratio"] if kind == "https" else None)
         add(f"  ratio probe/blackbox ({kind}, {c['probe']['rate_wanted']}/s)", f"{c['ratio']:.2f}", "", "", None)
     rate = r["rate"]["highest_sustained_rate"]
-    add("highest HTTPS rate, lag p99 < 100 ms", f"{rate:.0f}/s", "", f">= {TARGETS['rate']}/s",
-        rate >= TARGETS["rate"])
+    every = all(step["sustained"] for step in r["rate"]["steps"])  # the plan's top rate passed: a lower bound
+    add("highest HTTPS rate, lag p99 < 100 ms", f"{'>= ' if every else ''}{rate:.0f}/s", "",
+        f">= {TARGETS['rate']}/s", rate >= TARGETS["rate"])
     for s in r["scale"]:
         big = s["pairs"] >= 10000
-        add(f"peak RSS at {s['pairs']:,} pairs", f"{s['peak_rss_bytes'] / 2**20:.0f} MB", "",
-            f"< {TARGETS['rss_10000_mb']} MB" if big else "",
-            s["peak_rss_bytes"] / 2**20 < TARGETS["rss_10000_mb"] if big else None)
+        full = s["rounds"] >= s["history_window"]
+        label = f"peak RSS at {s['pairs']:,} pairs"
+        if not full:
+            label += f" ({s['rounds']} of {s['history_window']} rounds)"
+        add(label, f"{s['peak_rss_bytes'] / 2**20:.0f} MB", "", f"< {TARGETS['rss_10000_mb']} MB" if big else "",
+            s["peak_rss_bytes"] / 2**20 < TARGETS["rss_10000_mb"] if big and full else None)
+        if not full:
+            projected = s["projected_peak_rss_full_history_bytes"] / 2**20
+            add(f"  projected at a full history ({s['history_window']} rounds)", f"{projected:.0f} MB", "",
+                f"< {TARGETS['rss_10000_mb']} MB" if big else "", projected < TARGETS["rss_10000_mb"] if big else None)
     for s in r["scale"]:
         big = s["pairs"] >= 10000
         add(f"/metrics at {s['pairs']:,} pairs ({s['metrics_bytes'] / 2**20:.1f} MB)",
@@ -119,6 +133,12 @@ def table(r: dict[str, Any]) -> str:
             add(f"connect error p99, {label}", f"{p['error_ms_p99']:.2f} ms", f"{b['error_ms_p99']:.2f} ms",
                 f"< {TARGETS['connect_p99_ms']} ms" if loaded else "",
                 p["error_ms_p99"] < TARGETS["connect_p99_ms"] if loaded else None)
+        add("lab: plain connect() error beside ~200 in flight, median",
+            f"{a['reference_probe_loaded']['error_ms_median']:.2f} ms",
+            f"{a['reference_blackbox_loaded']['error_ms_median']:.2f} ms", "(userspace clock, normal priority)", None)
+        add("lab: plain connect() error beside ~200 in flight, p99",
+            f"{a['reference_probe_loaded']['error_ms_p99']:.2f} ms",
+            f"{a['reference_blackbox_loaded']['error_ms_p99']:.2f} ms", "", None)
         add("  probes in flight (mean)", f"{a['probe_loaded']['in_flight_mean']:.0f}",
             f"{a['blackbox_loaded']['in_flight_mean']:.0f}", "", None)
     widths = [max(len(row[i]) for row in rows) for i in range(5)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
 import statistics
 import subprocess
@@ -35,6 +36,7 @@ CLIENT_IP, SERVER_IP = "198.51.100.1", "198.51.100.2"
 HTTPS_PORT = 8443
 QUEUE = 77
 SLOW_MS = 1750
+CONTROL_COUNT = 40  # plain connects, one per 50 ms, beside each loaded run
 INTERVAL = 2.0
 
 
@@ -72,9 +74,12 @@ def run(workdir: Path, pki: lab.Pki, delay_ms: float, seconds: float, in_flight:
     try:
         targets, ports = lab.start_targets(workdir, pki, SERVER_IP, SERVER_NS, https_port=HTTPS_PORT)
         procs.append(targets)
+        # The delay program plays the network: real-time priority, so that the CPU load of the
+        # tools under test (and of anything else on the machine) does not add to its delay.
+        rt = ["chrt", "-f", "50"] if shutil.which("chrt") else []
         delay = lab.Proc(
-            "delay", [lab.python(), "-m", "tests.lab.tamper", "delay", "--queue", str(QUEUE), "--ms", str(delay_ms),
-                      "--max-seconds", "900"],
+            "delay", [*rt, lab.python(), "-m", "tests.lab.tamper", "delay", "--queue", str(QUEUE), "--ms",
+                      str(delay_ms), "--max-seconds", "900"],
             workdir / "delay.log", SERVER_NS,
         )
         procs.append(delay)
@@ -125,8 +130,9 @@ class InFlight:
                 "in_flight_min": min(self.samples, default=0)}
 
 
-def reference(count: int) -> list[float]:
+def reference(count: int, start_after: float = 0.0) -> list[float]:
     """Time plain blocking connects: what the lab's path really takes."""
+    time.sleep(start_after)
     out = []
     for _ in range(count):
         with socket.socket() as s:
@@ -135,6 +141,17 @@ def reference(count: int) -> list[float]:
             out.append(time.perf_counter() - t0)
         time.sleep(0.05)
     return out
+
+
+class Control:
+    """Plain blocking connects from a separate process while a tool runs: the lab's own delay at that moment."""
+
+    def __init__(self, workdir: Path, tag: str, count: int) -> None:
+        self.proc = lab.Proc("control", [lab.python(), "-m", "bench.accuracy", "reference", "--count", str(count)],
+                             workdir / f"control-{tag}.log")
+
+    def samples(self) -> list[float]:
+        return list(json.loads(self.proc.wait(timeout=120)))
 
 
 def project_samples(args: argparse.Namespace, n: int, path: str, interval: float, seconds: float,
@@ -182,15 +199,19 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
     out["probe_rest"] = _errors(project_samples(args, 1, "/", 0.25, args.seconds, rest), delay)
     out["probe_rest"].update(rest.summary())
     loaded = InFlight(args.stats_port)
+    control = Control(Path(args.workdir), "probe", CONTROL_COUNT)
     out["probe_loaded"] = _errors(project_samples(args, n_loaded, slow, INTERVAL, args.seconds, loaded), delay)
     out["probe_loaded"].update(loaded.summary(), targets=n_loaded)
+    out["reference_probe_loaded"] = _errors(control.samples(), delay)
     rest = InFlight(args.stats_port)
     out["blackbox_rest"] = _errors(blackbox_samples(args, 4, "/", args.seconds, rest), delay)
     out["blackbox_rest"].update(rest.summary())
     loaded = InFlight(args.stats_port)
     rate = n_loaded / INTERVAL
+    control = Control(Path(args.workdir), "blackbox", CONTROL_COUNT)
     out["blackbox_loaded"] = _errors(blackbox_samples(args, rate, slow, args.seconds, loaded), delay)
     out["blackbox_loaded"].update(loaded.summary(), rate=rate)
+    out["reference_blackbox_loaded"] = _errors(control.samples(), delay)
     return out
 
 
@@ -204,8 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--in-flight", type=int, required=True)
     p.add_argument("--stats-port", type=int, required=True)
+    p = sub.add_parser("reference", help="time plain connects (a control run beside a tool)")
+    p.add_argument("--count", type=int, required=True)
     args = parser.parse_args(argv)
-    print(json.dumps(inner(args)), flush=True)
+    if args.cmd == "reference":
+        print(json.dumps(reference(args.count, start_after=INTERVAL + 1)), flush=True)
+    else:
+        print(json.dumps(inner(args)), flush=True)
     return 0
 
 

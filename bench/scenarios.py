@@ -11,6 +11,7 @@ from pathlib import Path
 from bench import lab
 from bench.figures import Scrape, lag_between, write_config
 from bench.procstat import CpuMeter, cpu_seconds, load_average, memory
+from probe.ranking import WINDOW
 
 HOST = "127.0.0.1"
 
@@ -39,7 +40,7 @@ def project_cpu(env: Env, kind: str, rate: int, seconds: float, interval: float 
     cfg = write_config(env.workdir / f"cpu-{kind}-{rate}.yml", [env.url(kind)] * n, interval=interval,
                        ca_file=env.pki.ca_file)
     with lab.project(env.workdir, str(cfg), f"{kind}-{rate}") as (proc, base):
-        time.sleep(interval * 2 + 1)  # every job has run at least once: the steady state
+        time.sleep(interval * 2 + 0.5)  # every job has run at least once: the steady state
         meter = CpuMeter({"project": proc.pid, "targets": env.targets.pid})
         before = _scrape(base)
         meter.start()
@@ -106,22 +107,27 @@ def max_rate(env: Env, rates: list[int], seconds: float, interval: float) -> dic
     return {"steps": steps, "highest_sustained_rate": best}
 
 
-def scale(env: Env, pairs: int, scrapes: int = 5) -> dict[str, object]:
-    """Configure `pairs` (target, route) pairs; once all have results, time /metrics and read the peak RSS."""
+def scale(env: Env, pairs: int, rounds: int, rate: float = 400.0, min_interval: float = 4.0,
+          scrapes: int = 5) -> dict[str, object]:
+    """Configure `pairs` (target, route) pairs, run `rounds` intervals, time /metrics, read the peak RSS.
+
+    Each pair keeps its last ranking.WINDOW results: memory grows for WINDOW rounds. When
+    `rounds` is fewer, the RSS at a full history is projected from the growth per round measured.
+    """
     routes = 2
     n = pairs // routes
-    interval = max(4.0, pairs / 400)
+    interval = max(min_interval, pairs / rate)
     cfg = write_config(env.workdir / f"scale-{pairs}.yml", [env.url("https")] * n, interval=interval,
                        timeout=min(5.0, interval), ca_file=env.pki.ca_file, routes=routes)
+    rss_by_round = []
     with lab.project(env.workdir, str(cfg), f"scale-{pairs}") as (proc, base):
-        time.sleep(interval + 2)
-        deadline = time.monotonic() + interval * 2
-        body, _ = lab.http_get(base + "/metrics", timeout=60)
+        started = time.monotonic()
+        for k in range(1, rounds + 1):
+            # The first run of a job comes up to one interval after start: round k is done at k+1 intervals.
+            time.sleep(max(0.0, started + (k + 1) * interval + 0.5 - time.monotonic()))
+            rss_by_round.append(memory(proc.pid)["VmRSS"])
+        body, _ = lab.timed_fetch(base, "/metrics")
         scrape = Scrape(body.decode())
-        while scrape.success_series < n * routes and time.monotonic() < deadline:
-            time.sleep(1)
-            body, _ = lab.http_get(base + "/metrics", timeout=60)
-            scrape = Scrape(body.decode())
         load = load_average()
         times = []
         cpu0 = cpu_seconds(proc.pid)
@@ -129,11 +135,18 @@ def scale(env: Env, pairs: int, scrapes: int = 5) -> dict[str, object]:
             body, took = lab.timed_fetch(base, "/metrics")
             times.append(took)
         scrape_cpu = (cpu_seconds(proc.pid) - cpu0) / scrapes
-        scrape = Scrape(body.decode())
+        after = Scrape(body.decode())
         rss = memory(proc.pid)
+    growth = statistics.mean(b - a for a, b in zip(rss_by_round[1:], rss_by_round[2:], strict=False)) if rounds >= 3 \
+        else 0.0
+    projected = rss["VmHWM"] + max(0.0, growth) * max(0, WINDOW - rounds)
     return {
-        "pairs": n * routes, "interval_seconds": interval, "pairs_with_results": scrape.success_series,
+        "pairs": n * routes, "interval_seconds": interval, "rounds": rounds, "history_window": WINDOW,
+        "pairs_with_results": after.success_series, "runs": after.total_runs,
+        "ok_share": after.runs.get("ok", 0.0) / max(after.total_runs, 1.0),
         "metrics_seconds_median": statistics.median(times), "metrics_seconds_max": max(times),
-        "metrics_cpu_seconds": scrape_cpu, "metrics_bytes": len(body), "metrics_samples": scrape.samples,
-        "peak_rss_bytes": rss.get("VmHWM"), "rss_bytes": rss.get("VmRSS"), "load_average": load,
+        "metrics_cpu_seconds": scrape_cpu, "metrics_bytes": len(body), "metrics_samples": after.samples,
+        "peak_rss_bytes": rss["VmHWM"], "rss_bytes": rss["VmRSS"], "rss_by_round": rss_by_round,
+        "rss_growth_per_round_bytes": growth, "projected_peak_rss_full_history_bytes": projected,
+        "load_average": load, "first_scrape_pairs_with_results": scrape.success_series,
     }
