@@ -94,13 +94,17 @@ def max_rate(env: Env, rates: list[int], seconds: float, interval: float) -> dic
     steps = []
     best = 0.0
     for rate in rates:
-        step = project_cpu(env, "https", rate, seconds, interval=interval)
-        lag = step["lag"]
-        assert isinstance(lag, dict)
-        achieved = float(step["rate"])  # type: ignore[arg-type]
-        ok_share = float(step["ok"]) / max(float(step["probes"]), 1.0)  # type: ignore[arg-type]
-        step["sustained"] = lag["share_within_100ms"] >= 0.99 and ok_share >= 0.99 and achieved >= 0.97 * rate
-        steps.append(step)
+        # A failed step is tried once more: other work on a shared machine can spoil one window.
+        for _ in range(2):
+            step = project_cpu(env, "https", rate, seconds, interval=interval)
+            lag = step["lag"]
+            assert isinstance(lag, dict)
+            achieved = float(step["rate"])  # type: ignore[arg-type]
+            ok_share = float(step["ok"]) / max(float(step["probes"]), 1.0)  # type: ignore[arg-type]
+            step["sustained"] = lag["share_within_100ms"] >= 0.99 and ok_share >= 0.99 and achieved >= 0.97 * rate
+            steps.append(step)
+            if step["sustained"]:
+                break
         if not step["sustained"]:
             break
         best = max(best, achieved)
@@ -137,9 +141,12 @@ def scale(env: Env, pairs: int, rounds: int, rate: float = 400.0, min_interval: 
         scrape_cpu = (cpu_seconds(proc.pid) - cpu0) / scrapes
         after = Scrape(body.decode())
         rss = memory(proc.pid)
-    growth = statistics.mean(b - a for a, b in zip(rss_by_round[1:], rss_by_round[2:], strict=False)) if rounds >= 3 \
-        else 0.0
-    projected = rss["VmHWM"] + max(0.0, growth) * max(0, WINDOW - rounds)
+    # Growth per round from the second round on (the first also holds the start-up and first-result
+    # allocations); the scrapes' own peak comes on top of the RSS before them.
+    later = rss_by_round[1:]
+    growth = (later[-1] - later[0]) / (len(later) - 1) if len(later) >= 2 else 0.0
+    scrape_peak = rss["VmHWM"] - rss_by_round[-1]
+    projected = rss_by_round[-1] + max(0.0, growth) * max(0, WINDOW - rounds) + max(0, scrape_peak)
     return {
         "pairs": n * routes, "interval_seconds": interval, "rounds": rounds, "history_window": WINDOW,
         "pairs_with_results": after.success_series, "runs": after.total_runs,
@@ -148,5 +155,6 @@ def scale(env: Env, pairs: int, rounds: int, rate: float = 400.0, min_interval: 
         "metrics_cpu_seconds": scrape_cpu, "metrics_bytes": len(body), "metrics_samples": after.samples,
         "peak_rss_bytes": rss["VmHWM"], "rss_bytes": rss["VmRSS"], "rss_by_round": rss_by_round,
         "rss_growth_per_round_bytes": growth, "projected_peak_rss_full_history_bytes": projected,
+        "scrape_peak_over_rss_bytes": scrape_peak,
         "load_average": load, "first_scrape_pairs_with_results": scrape.success_series,
     }

@@ -25,7 +25,16 @@ _TLS_VERSIONS = {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2",
 async def connect(
     host: str, port: int, route: Route, trace: Trace
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to host:port over `route`, timing the `connect` phase.
+    """Connect to host:port over `route` (see open_socket) and wrap the socket in streams."""
+    with trace.phase(None, Stage.CONNECT):
+        sock = await open_socket(host, port, route, trace)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
+    trace.enter(Stage.ESTABLISHED)
+    return reader, writer
+
+
+async def open_socket(host: str, port: int, route: Route, trace: Trace) -> socket.socket:
+    """Connect a socket to host:port over `route`, timing the `connect` phase.
 
     `host` is an IP address on direct and bound routes; on proxy routes it may be a name,
     which the proxy resolves (socks5h semantics, for socks5:// too). Through a proxy,
@@ -47,11 +56,9 @@ async def connect(
         else:
             sock = await _direct_connect(host, port, route.source_address)
             handshake = kernel_handshake_seconds(sock)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
     if handshake is not None:
         trace.phases[Phase.CONNECT] = before + handshake
-    trace.enter(Stage.ESTABLISHED)
-    return reader, writer
+    return sock
 
 
 async def _direct_connect(host: str, port: int, source_address: str | None) -> socket.socket:

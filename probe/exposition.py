@@ -108,7 +108,7 @@ _ONE_HOT = {o: ["1.0" if x is o else "0.0" for x in _OUTCOMES] for o in _OUTCOME
 _NONE_HOT = ["0.0"] * len(_OUTCOMES)
 
 
-BATCH = 500  # pairs per chunk: the server writes (and the loop breathes) between chunks
+BATCH = 100  # pairs per chunk (under 1 MB): the server writes (and the loop breathes) between chunks
 
 
 @dataclass(frozen=True, slots=True)
