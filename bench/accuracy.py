@@ -62,6 +62,12 @@ def setup_namespaces() -> None:
     )
 
 
+def _can_use_realtime() -> bool:
+    if shutil.which("chrt") is None:
+        return False
+    return subprocess.run(["chrt", "-f", "50", "true"], capture_output=True).returncode == 0
+
+
 def teardown_namespaces() -> None:
     for ns in (CLIENT_NS, SERVER_NS):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -76,7 +82,7 @@ def run(workdir: Path, pki: lab.Pki, delay_ms: float, seconds: float, in_flight:
         procs.append(targets)
         # The delay program plays the network: real-time priority, so that the CPU load of the
         # tools under test (and of anything else on the machine) does not add to its delay.
-        rt = ["chrt", "-f", "50"] if shutil.which("chrt") else []
+        rt = ["chrt", "-f", "50"] if _can_use_realtime() else []
         delay = lab.Proc(
             "delay", [*rt, lab.python(), "-m", "tests.lab.tamper", "delay", "--queue", str(QUEUE), "--ms",
                       str(delay_ms), "--max-seconds", "900"],
