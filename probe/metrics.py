@@ -111,6 +111,8 @@ def _gauge(
     return GaugeMetricFamily(name, doc, labels=[*labels, *extra])
 
 
+# The reference for exposition.py, which writes these same families as text for /metrics: a
+# family added here must be added there too (tests/test_exposition.py compares the two).
 def _pair_families(store: ResultStore, config: Config, targets: list[Target]) -> list[Metric]:
     success = _gauge("probe_success", "Whether the last probe of the target over the route succeeded.")
     duration = _gauge("probe_duration_seconds", "How long the last probe took, in seconds.")
