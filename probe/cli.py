@@ -91,10 +91,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return demo_main(args)
     path = args.config or default_config_path()
     if args.command == "run":
+        from probe.loop import run as run_loop
         from probe.service import serve
 
         try:
-            return asyncio.run(serve(path, args.listen, shard=args.shard, web_config_file=args.web_config_file))
+            return run_loop(serve(path, args.listen, shard=args.shard, web_config_file=args.web_config_file))
         except config.ConfigError as e:  # the targets file, or the web config (which names itself)
             return _config_failed(getattr(e, "path", path), e)
         except KeyboardInterrupt:

@@ -161,6 +161,11 @@ class Config:
     canaries: tuple[str, ...] = ()
     bogons: tuple[str, ...] | None = None
     path: str | None = None
+    _targets_by_name: dict[str, Target] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # target() runs for every recorded result: a dict, not a scan of thousands of targets.
+        object.__setattr__(self, "_targets_by_name", {t.name: t for t in self.targets})
 
     def route(self, name: str) -> Route:
         """Return the route called `name`."""
@@ -177,7 +182,7 @@ class Config:
 
     def target(self, name: str) -> Target:
         """Return the target called `name`."""
-        return next(t for t in self.targets if t.name == name)
+        return self._targets_by_name[name]
 
     def shard(self, index: int, count: int) -> Config:
         """Return the config with only this shard's targets (of `count`, 0-based `index`).

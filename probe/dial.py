@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import ssl
+import struct
 from typing import Any
 
 from python_socks import ProxyConnectionError, ProxyError, ProxyType
@@ -23,7 +25,16 @@ _TLS_VERSIONS = {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2",
 async def connect(
     host: str, port: int, route: Route, trace: Trace
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to host:port over `route`, timing the `connect` phase.
+    """Connect to host:port over `route` (see open_socket) and wrap the socket in streams."""
+    with trace.phase(None, Stage.CONNECT):
+        sock = await open_socket(host, port, route, trace)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
+    trace.enter(Stage.ESTABLISHED)
+    return reader, writer
+
+
+async def open_socket(host: str, port: int, route: Route, trace: Trace) -> socket.socket:
+    """Connect a socket to host:port over `route`, timing the `connect` phase.
 
     `host` is an IP address on direct and bound routes; on proxy routes it may be a name,
     which the proxy resolves (socks5h semantics, for socks5:// too). Through a proxy,
@@ -31,17 +42,24 @@ async def connect(
     any), authentication, the proxy's own name resolution and its connection to the target.
     Proxy failures are ProxyFailures whose text names the proxy by its redacted URL, never
     its credentials.
+
+    On direct and bound routes the `connect` phase is the kernel's own measurement of the
+    handshake (SYN to SYN-ACK, TCP_INFO), when the SYN went out once: it does not include
+    how long a busy event loop took to notice the connection, which the loop's clock would.
     """
     trace.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    before = trace.phases.get(Phase.CONNECT, 0.0)
+    handshake: float | None = None
     with trace.phase(Phase.CONNECT, Stage.CONNECT):
         if route.proxy is not None:
             trace.peer += f" via {route.proxy.redacted()}"
             sock = await _proxy_connect(host, port, route.proxy, route.source_address, trace)
         else:
             sock = await _direct_connect(host, port, route.source_address)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
-    trace.enter(Stage.ESTABLISHED)
-    return reader, writer
+            handshake = kernel_handshake_seconds(sock)
+    if handshake is not None:
+        trace.phases[Phase.CONNECT] = before + handshake
+    return sock
 
 
 async def _direct_connect(host: str, port: int, source_address: str | None) -> socket.socket:
@@ -52,11 +70,61 @@ async def _direct_connect(host: str, port: int, source_address: str | None) -> s
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source_address is not None:
             sock.bind((source_address, 0))
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        # A plain non-blocking connect: the loop's sock_connect may run getaddrinfo on a
+        # worker thread even for an IP literal (uvloop does), which costs CPU and adds latency.
+        err = sock.connect_ex((host, port))
+        if err in _IN_PROGRESS:
+            await _writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
+
+
+async def _writable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_writer(fd, ready)
+    try:
+        await done
+    finally:
+        loop.remove_writer(fd)
+
+
+# struct tcp_info (linux/tcp.h): tcpi_rtt (smoothed RTT, microseconds) at byte 68, and
+# tcpi_total_retrans at byte 100. After the handshake the only RTT sample is the SYN's.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_INFO_RTT = struct.Struct("=I")
+_TCP_INFO_LEN = 104
+
+
+def kernel_handshake_seconds(sock: socket.socket) -> float | None:
+    """Return the kernel's SYN to SYN-ACK time of a just-connected socket; None if unknown or retransmitted."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    rtt_us: int = _TCP_INFO_RTT.unpack_from(info, 68)[0]
+    (retransmitted,) = _TCP_INFO_RTT.unpack_from(info, 100)
+    if retransmitted or rtt_us == 0:
+        return None  # Karn: a retransmitted SYN gives no clean sample; the loop's clock stands
+    return rtt_us / 1e6
 
 
 class ProxyFailure(ProbeFailure):
@@ -145,24 +213,43 @@ def tls_info(ssl_object: Any) -> TlsInfo:
     """Return version, cipher and the earliest expiry over the verified chain."""
     version = ssl_object.version() or ""
     cipher = ssl_object.cipher()
-    return TlsInfo(
-        version=_TLS_VERSIONS.get(version, version),
-        earliest_cert_expiry=_earliest_expiry(ssl_object),
-        cipher=cipher[0] if cipher else None,
-    )
+    chain = _verified_chain(ssl_object)
+    # Decoding certificates to dicts and parsing their dates costs more than the rest of the
+    # probe's Python: the facts of a chain are a function of its bytes, so they are kept per chain.
+    ders = tuple(c.public_bytes(_DER) for c in chain) if chain else (ssl_object.getpeercert(binary_form=True),)
+    key = (version, cipher[0] if cipher else None, ders)
+    info = _TLS_FACTS.get(key)
+    if info is None:
+        if len(_TLS_FACTS) >= _TLS_FACTS_MAX:
+            _TLS_FACTS.clear()
+        info = TlsInfo(
+            version=_TLS_VERSIONS.get(version, version),
+            earliest_cert_expiry=_earliest_expiry(ssl_object, chain),
+            cipher=cipher[0] if cipher else None,
+        )
+        _TLS_FACTS[key] = info
+    return info
 
 
-def _earliest_expiry(ssl_object: Any) -> float | None:
-    expiries: list[float] = []
+_DER = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]  # what Certificate.public_bytes takes
+_TLS_FACTS: dict[tuple[object, ...], TlsInfo] = {}
+_TLS_FACTS_MAX = 4096
+
+
+def _verified_chain(ssl_object: Any) -> list[Any]:
     # get_verified_chain is public from Python 3.13; 3.11 and 3.12 have it on the private object.
     chain_getter = getattr(ssl_object, "get_verified_chain", None) or getattr(
         getattr(ssl_object, "_sslobj", None), "get_verified_chain", None
     )
-    if chain_getter is not None:
-        for cert in chain_getter() or ():
-            info = cert.get_info() if hasattr(cert, "get_info") else None
-            if info and info.get("notAfter"):
-                expiries.append(float(ssl.cert_time_to_seconds(info["notAfter"])))
+    return list(chain_getter() or ()) if chain_getter is not None else []
+
+
+def _earliest_expiry(ssl_object: Any, chain: list[Any]) -> float | None:
+    expiries: list[float] = []
+    for cert in chain:
+        info = cert.get_info() if hasattr(cert, "get_info") else None
+        if info and info.get("notAfter"):
+            expiries.append(float(ssl.cert_time_to_seconds(info["notAfter"])))
     if not expiries:
         peer = ssl_object.getpeercert()
         if peer and peer.get("notAfter"):

@@ -5,7 +5,7 @@ Label values come only from config names and enum values, never from free text.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,6 +22,7 @@ from prometheus_client.core import (
 )
 
 from probe.config import Config, Target, TargetKind
+from probe.exposition import render_pairs
 from probe.models import Outcome, Phase
 from probe.store import Histogram, ResultStore
 
@@ -53,17 +54,24 @@ def build_registry(store: ResultStore, config: Config | None = None) -> Collecto
 
 def render(store: ResultStore, config: Config) -> bytes:
     """Return the text exposition of every series, the process metrics included."""
-    return generate_latest(build_registry(store, config))
+    return b"".join(render_chunks(store, config))
 
 
-def snapshot(store: ResultStore, config: Config) -> CollectorRegistry:
-    """Collect the store's families now; the returned registry can be exposed later, in another thread."""
+def render_chunks(store: ResultStore, config: Config) -> Iterator[bytes]:
+    """Yield the text exposition in pieces: the per-pair families written directly, then the rest.
+
+    The per-pair families are the bulk (about 130 samples per pair); exposition.py writes them
+    as text without building a prometheus_client object per sample. The rest goes through
+    prometheus_client. Same samples as generate_latest(build_registry(...)); tests hold both.
+    """
+    for text in render_pairs(store, config):
+        yield text.encode()
     registry = CollectorRegistry()
-    registry.register(_Fixed(families(store, config)))
+    registry.register(_Fixed(_other_families(store, config, config.targets, None)))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    return registry
+    yield generate_latest(registry)
 
 
 def render_target(store: ResultStore, config: Config, target: str) -> bytes:
@@ -84,8 +92,13 @@ class _Fixed:
 def families(store: ResultStore, config: Config, target: str | None = None) -> list[Metric]:
     """Build every family; with `target`, only that target's series and no prober_* globals."""
     targets = [t for t in config.targets if target is None or t.name == target]
-    out = _pair_families(store, config, targets)
-    out += _dns_families(store, config.vantage, targets)
+    return _pair_families(store, config, targets) + _other_families(store, config, targets, target)
+
+
+def _other_families(
+    store: ResultStore, config: Config, targets: Sequence[Target], target: str | None
+) -> list[Metric]:
+    out = _dns_families(store, config.vantage, targets)
     if target is None:
         out += _group_families(store, config)
         out += _prober_families(store, config.vantage)
@@ -98,6 +111,8 @@ def _gauge(
     return GaugeMetricFamily(name, doc, labels=[*labels, *extra])
 
 
+# The reference for exposition.py, which writes these same families as text for /metrics: a
+# family added here must be added there too (tests/test_exposition.py compares the two).
 def _pair_families(store: ResultStore, config: Config, targets: list[Target]) -> list[Metric]:
     success = _gauge("probe_success", "Whether the last probe of the target over the route succeeded.")
     duration = _gauge("probe_duration_seconds", "How long the last probe took, in seconds.")
@@ -162,7 +177,7 @@ def _pair_families(store: ResultStore, config: Config, targets: list[Target]) ->
     ]
 
 
-def _dns_families(store: ResultStore, vantage: str, targets: list[Target]) -> list[Metric]:
+def _dns_families(store: ResultStore, vantage: str, targets: Sequence[Target]) -> list[Metric]:
     lookup = _gauge(
         "probe_dns_lookup_time_seconds", "How long the resolver took to answer.", labels=DNS_LABELS
     )

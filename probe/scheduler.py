@@ -373,4 +373,7 @@ def _grace(interval: float) -> int:
 
 
 def _find_target(config: Config, name: str) -> Target | None:
-    return next((t for t in config.targets if t.name == name), None)
+    try:
+        return config.target(name)
+    except KeyError:
+        return None

@@ -7,11 +7,11 @@ import html
 from typing import Protocol
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from probe import ranking
 from probe.config import Config
-from probe.metrics import render_target, snapshot
+from probe.metrics import render_chunks, render_target
 from probe.models import ProbeResult
 from probe.store import ResultStore
 from probe.webconfig import BasicAuth, WebConfig, auth_middleware
@@ -77,18 +77,7 @@ def results_json(store: ResultStore, config: Config) -> dict[str, object]:
 class _Handlers:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self._rendering: asyncio.Future[bytes] | None = None
         self._probing: dict[str, asyncio.Future[list[ProbeResult]]] = {}
-
-    async def _exposition(self) -> bytes:
-        # Exposition costs ~1 ms of CPU per (target, route). Scrapes that arrive while one is being
-        # rendered share it, and the text is generated in a thread from a snapshot taken on the
-        # loop: many, pipelined or slow scrapers never stall the scheduler nor multiply the work.
-        if self._rendering is None:
-            registry = snapshot(self.backend.store, self.backend.config)
-            self._rendering = asyncio.ensure_future(asyncio.to_thread(generate_latest, registry))
-            self._rendering.add_done_callback(self._rendered)
-        return await asyncio.shield(self._rendering)
 
     async def _probe_once(self, name: str) -> list[ProbeResult]:
         # Requests for a target already being probed share that probe: hammering /probe cannot
@@ -99,10 +88,6 @@ class _Handlers:
             self._probing[name] = running
             running.add_done_callback(lambda f: self._probing.pop(name, None) if self._probing.get(name) is f else None)
         return await asyncio.shield(running)
-
-    def _rendered(self, future: asyncio.Future[bytes]) -> None:
-        if self._rendering is future:
-            self._rendering = None
 
     async def index(self, request: web.Request) -> web.Response:
         config = self.backend.config
@@ -119,9 +104,17 @@ class _Handlers:
         )
         return web.Response(text=body, content_type="text/html")
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        body = await self._exposition()
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        # Written in chunks of 100 pairs: at 10,000 pairs the text is ~100 MB, which need never be
+        # whole in memory, and the loop runs between chunks, so many, pipelined or slow scrapers
+        # never stall the scheduler (a chunk costs a few ms of CPU).
+        resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
+        await resp.prepare(request)
+        for chunk in render_chunks(self.backend.store, self.backend.config):
+            await resp.write(chunk)
+            await asyncio.sleep(0)  # write() yields only when the socket is full
+        await resp.write_eof()
+        return resp
 
     async def results(self, request: web.Request) -> web.Response:
         return web.json_response(results_json(self.backend.store, self.backend.config))

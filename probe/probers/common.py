@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import ssl
 from collections.abc import Awaitable, Callable
@@ -12,7 +13,7 @@ from probe.classify import DnsFailure, Stage, classify, describe
 from probe.config import Route, Target, is_ip
 from probe.context import UNUSABLE_ANSWERS, ProbeContext
 from probe.models import Deadline, Outcome, Phase, ProbeResult
-from probe.trace import Trace
+from probe.trace import PhaseTimes, Trace
 
 Body = Callable[[Target, Route, Deadline, ProbeContext, Trace], Awaitable[None]]
 
@@ -38,7 +39,7 @@ async def run_traced(
         outcome=outcome,
         started_at=trace.wall_started,
         duration_seconds=trace.elapsed(),
-        phases=dict(trace.phases),
+        phases=PhaseTimes(trace.phases),
         address=trace.address,
         http_status=trace.http_status,
         throughput_bytes_per_second=trace.throughput,
@@ -88,6 +89,10 @@ def failure_evidence(trace: Trace, outcome: Outcome, exc: BaseException) -> str:
             return str(exc) or describe(exc)
 
 
+# Parsing an address costs more than the rest of resolve(); the answer never changes.
+_is_ip = functools.lru_cache(maxsize=16384)(is_ip)
+
+
 async def resolve(host: str, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> str:
     """Return the address to connect to for `host` over `route`, timing the `resolve` phase.
 
@@ -96,11 +101,12 @@ async def resolve(host: str, route: Route, deadline: Deadline, ctx: ProbeContext
     names a `resolver` resolves here through it and hands the proxy the address. Other
     routes ask their resolver (`system` by default), from their source_address if any.
     """
-    if route.proxy is not None and route.resolver is None and not is_ip(host):
+    literal = _is_ip(host)
+    if route.proxy is not None and route.resolver is None and not literal:
         trace.address = host
         return host
     with trace.phase(Phase.RESOLVE, Stage.RESOLVE):
-        if is_ip(host):
+        if literal:
             address = host
         else:
             resolver = ctx.config.route_resolver(route)

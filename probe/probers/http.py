@@ -7,6 +7,7 @@ separately, reads are bounded by bytes, and proxies carry HTTP exactly as they c
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -74,10 +75,7 @@ async def _fetch(
     limit: int,
     body_stage: Stage = Stage.TRANSFER,
 ) -> _Response:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    https = parts.scheme == "https"
-    port = parts.port or (443 if https else 80)
+    host, https, port, host_header, path = _url_parts(url)
     address = await resolve(host, route, deadline, ctx, trace)
     reader, writer = await dial.connect(address, port, route, trace)
     try:
@@ -85,9 +83,7 @@ async def _fetch(
             server_name = target.server_name if host == target.host and target.server_name else host
             await dial.start_tls(writer, ctx.tls.verifying(target.ca_file), server_name, trace)
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
-        host_header = parts.netloc.rpartition("@")[2]
         trace.http_host = host_header
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         headers = [
             ("Host", host_header),
             ("User-Agent", USER_AGENT),
@@ -123,6 +119,15 @@ async def _fetch(
         )
     finally:
         dial.close(writer)
+
+
+@functools.lru_cache(maxsize=16384)
+def _url_parts(url: str) -> tuple[str, bool, int, str, str]:
+    """Return host, https?, port, Host header and request target of a URL (parsed once per URL)."""
+    parts = urlsplit(url)
+    https = parts.scheme == "https"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname or "", https, parts.port or (443 if https else 80), parts.netloc.rpartition("@")[2], path
 
 
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, trace: Trace) -> object:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from probe import dial
+from probe.classify import Stage
 from probe.config import Route, Target
 from probe.context import ProbeContext
 from probe.models import Deadline, ProbeResult
@@ -17,5 +18,6 @@ async def probe(target: Target, route: Route, deadline: Deadline, ctx: ProbeCont
 
 async def _body(target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> None:
     address = await resolve(target.host, route, deadline, ctx, trace)
-    _, writer = await dial.connect(address, target.port, route, trace)
-    dial.close(writer)
+    sock = await dial.open_socket(address, target.port, route, trace)  # no streams: nothing is read or written
+    trace.enter(Stage.ESTABLISHED)
+    sock.close()

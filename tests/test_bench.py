@@ -1,0 +1,76 @@
+"""The benchmark's smoke mode still runs end to end and produces sane, measured figures (not speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.lab import BLACKBOX, ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _has_lab() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("iptables") is not None
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    if shutil.which(BLACKBOX) is None:
+        pytest.skip(f"{BLACKBOX} is not installed (scripts/test installs it)")
+    out = tmp_path_factory.mktemp("bench") / "figures.json"
+    argv = [sys.executable, "-m", "bench", "--smoke", "--out", str(out)]
+    if not _has_lab():
+        argv.append("--skip-accuracy")
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "CPU s per 1,000 HTTPS probes" in done.stdout
+    return dict(json.loads(Path(out).read_text()))
+
+
+def test_both_tools_ran_every_probe_and_their_cpu_was_measured(figures: dict[str, object]) -> None:
+    for kind, c in figures["cpu"].items():  # type: ignore[attr-defined]
+        probe, blackbox = c["probe"], c["blackbox"]
+        # Loopback probes all succeed, bar a rare timeout on a very busy machine.
+        assert probe["probes"] > 10 and probe["ok"] >= 0.9 * probe["probes"], (kind, probe)
+        assert blackbox["probes"] > 10 and blackbox["ok"] >= 0.9 * blackbox["probes"], (kind, blackbox)
+        for tool in (probe, blackbox):
+            assert 0 < tool["cpu_seconds_per_1000"] < 1000
+            assert 0 <= tool["targets_cpu_share_of_a_core"] < 2
+        assert c["ratio"] == pytest.approx(probe["cpu_seconds_per_1000"] / blackbox["cpu_seconds_per_1000"])
+        assert blackbox["driver_cpu_ms_per_probe"] > 0
+
+
+def test_the_rate_steps_report_the_lag_measured_by_the_scheduler(figures: dict[str, object]) -> None:
+    steps = figures["rate"]["steps"]  # type: ignore[index]
+    assert steps and all(s["lag"]["starts"] > 0 for s in steps)
+    assert all(0 <= s["lag"]["share_within_100ms"] <= 1 for s in steps)
+
+
+def test_scale_figures_grow_with_the_number_of_pairs(figures: dict[str, object]) -> None:
+    small, big = figures["scale"]  # type: ignore[misc]
+    assert small["pairs_with_results"] == small["pairs"] and big["pairs_with_results"] == big["pairs"]
+    assert big["metrics_samples"] > 4 * small["metrics_samples"]  # ~130 samples per pair
+    assert big["metrics_bytes"] > 4 * small["metrics_bytes"]
+    assert 10 * 2**20 < small["peak_rss_bytes"] <= big["peak_rss_bytes"] * 1.2
+    assert 0 < small["metrics_seconds_median"] < 60
+
+
+def test_connect_timings_are_measured_against_the_known_delay(figures: dict[str, object]) -> None:
+    a = figures["accuracy"]
+    if a is None:
+        pytest.skip("the namespace lab needs root, ip and iptables")
+    assert isinstance(a, dict)
+    for case in ("probe_rest", "probe_loaded", "blackbox_rest", "blackbox_loaded"):
+        assert a[case]["samples"] > 0, case
+        # The delay is real: nobody measured a connect shorter than it (errors are >= ~0).
+        assert -0.5 < a[case]["error_ms_median"] < a["delay_ms"], case
+        assert math.isfinite(a[case]["error_ms_p99"])
+    assert a["probe_loaded"]["in_flight_mean"] > a["probe_rest"]["in_flight_mean"]
