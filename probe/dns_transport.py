@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -284,7 +285,7 @@ async def _collect(
     try:
         sent = _now()
         transport.sendto(query.to_wire())
-        end = deadline.at
+        end = hard_end = sent + deadline.remaining()
         while len(replies) < MAX_UDP_REPLIES and (left := end - _now()) > 0:
             try:
                 async with asyncio.timeout(left):
@@ -306,8 +307,8 @@ async def _collect(
                 replies.append(reply_of(message, query, "udp", peer, at - sent))
                 if first is None:
                     first, first_at = message, at
-            if end == deadline.at:  # the first reply: listen on for the window
-                end = min(_now() + window, deadline.at)
+            if end == hard_end:  # the first reply: listen on for the window
+                end = min(_now() + window, hard_end)
     finally:
         transport.abort()
     return _Gathered(first, first_at, tuple(replies), unparseable)
@@ -383,5 +384,6 @@ def _hostport(host: str, port: int) -> str:
 
 
 def _now() -> float:
-    return asyncio.get_running_loop().time()
+    # Not the loop's clock: uvloop's loop.time() is libuv's millisecond clock, cached per iteration.
+    return time.perf_counter()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import time
 from collections.abc import Iterator, Mapping
@@ -11,18 +10,21 @@ from contextlib import contextmanager
 from probe.classify import Stage
 from probe.models import Phase, TlsInfo
 
+_clock = time.perf_counter
+
 
 class Trace:
     """Records what one probe did; probers fill it, the runner turns it into a result."""
 
     __slots__ = (
-        "_loop", "started", "wall_started", "stage", "stage_started", "phases", "evidence",
+        "started", "wall_started", "stage", "stage_started", "phases", "evidence",
         "address", "peer", "sni", "http_host", "body_bytes", "http_status", "throughput", "tls",
     )
 
     def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.started = self._loop.time()
+        # Timings come from perf_counter, not the loop's clock: uvloop's loop.time() is libuv's
+        # millisecond clock, cached once per loop iteration, too coarse for phases of a few ms.
+        self.started = _clock()
         self.wall_started = time.time()
         self.stage = Stage.RESOLVE
         self.stage_started = self.started
@@ -38,12 +40,12 @@ class Trace:
         self.tls: TlsInfo | None = None
 
     def now(self) -> float:
-        """Return the loop's monotonic time."""
-        return self._loop.time()
+        """Return the monotonic time of the phase clock."""
+        return _clock()
 
     def elapsed(self) -> float:
         """Return seconds since the probe began."""
-        return self._loop.time() - self.started
+        return _clock() - self.started
 
     @contextmanager
     def phase(self, phase: Phase | None, stage: Stage) -> Iterator[None]:
@@ -52,16 +54,16 @@ class Trace:
         begin = self.stage_started
         yield
         if phase is not None:
-            self.phases[phase] = self.phases.get(phase, 0.0) + (self._loop.time() - begin)
+            self.phases[phase] = self.phases.get(phase, 0.0) + (_clock() - begin)
 
     def enter(self, stage: Stage) -> None:
         """Mark the start of `stage`."""
         self.stage = stage
-        self.stage_started = self._loop.time()
+        self.stage_started = _clock()
 
     def in_stage(self) -> float:
         """Return seconds spent in the current stage."""
-        return self._loop.time() - self.stage_started
+        return _clock() - self.stage_started
 
     def add_phase(self, phase: Phase, seconds: float) -> None:
         """Add `seconds` to `phase`."""
