@@ -125,14 +125,10 @@ class Connections:
                 task.cancel()
 
 
-@dataclass
-class Middlebox:
-    """A TCP relay in front of `upstream` that acts on the name it reads from the first bytes."""
+@dataclass(kw_only=True)
+class _Listener:
+    """A loopback server on a free port whose connections all end when it closes."""
 
-    inspect: Inspect
-    upstream: int  # port on HOST
-    rules: Mapping[str, Action]
-    throttle_bytes_per_second: float = 64 * 1024
     port: int = 0
     _server: asyncio.Server | None = None
     _connections: Connections = field(default_factory=Connections)
@@ -147,6 +143,19 @@ class Middlebox:
         if self._server is not None:
             self._server.close()
         await self._connections.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Middlebox(_Listener):
+    """A TCP relay in front of `upstream` that acts on the name it reads from the first bytes."""
+
+    inspect: Inspect
+    upstream: int  # port on HOST
+    rules: Mapping[str, Action]
+    throttle_bytes_per_second: float = 64 * 1024
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
@@ -258,7 +267,7 @@ async def relay(
 
 
 @dataclass
-class ConnectProxy:
+class ConnectProxy(_Listener):
     """An HTTP CONNECT proxy beyond the border: it resolves names itself and reaches servers directly.
 
     `ports` maps the port a client asks for (the middlebox in front of a server) to the
@@ -267,20 +276,6 @@ class ConnectProxy:
 
     zone: Mapping[str, str]
     ports: Mapping[int, int]
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _connections: Connections = field(default_factory=Connections)
-
-    async def start(self) -> None:
-        """Listen on a free loopback port."""
-        self._server = await asyncio.start_server(self._handle, HOST, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        """Stop listening and end every tunnel."""
-        if self._server is not None:
-            self._server.close()
-        await self._connections.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
