@@ -29,11 +29,6 @@ PROTECTED = [("GET", "/metrics"), ("GET", "/api/results"), ("GET", "/api/routes"
              ("POST", "/-/reload"), ("GET", "/")]
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
 @pytest.fixture
 def tls_files(ca: trustme.CA, tmp_path: Path) -> tuple[Path, Path, Path]:
     cert = ca.issue_cert("127.0.0.1", "localhost")
