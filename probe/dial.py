@@ -22,15 +22,198 @@ STREAM_LIMIT = 64 * 1024
 _TLS_VERSIONS = {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2", "TLSv1.3": "TLS 1.3"}
 
 
-async def connect(
-    host: str, port: int, route: Route, trace: Trace
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to host:port over `route` (see open_socket) and wrap the socket in streams."""
+async def connect(host: str, port: int, route: Route, trace: Trace) -> Connection:
+    """Connect to host:port over `route` (see open_socket); return the connection."""
     with trace.phase(None, Stage.CONNECT):
         sock = await open_socket(host, port, route, trace)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
+        _, conn = await asyncio.get_running_loop().create_connection(Connection, sock=sock)
     trace.enter(Stage.ESTABLISHED)
-    return reader, writer
+    return conn
+
+
+class Connection(asyncio.Protocol):
+    """One probe's connection: bounded reads, writes, and TLS on top when asked for.
+
+    TLS runs in an `ssl.SSLObject` over memory buffers that the transport feeds, not in the
+    loop's TLS transport: a probe needs no more than read, write and abort, and the loop's
+    version also decodes the peer certificate into a dict on every handshake (uvloop: ~4% of
+    a probe's CPU). The handshake's last flight leaves with the first write, one segment less.
+    At most STREAM_LIMIT received bytes are held before reading from the socket pauses, so a
+    flooding peer costs bounded memory.
+    """
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._plain = bytearray()  # received bytes not yet read (before or without TLS)
+        self._incoming: ssl.MemoryBIO | None = None
+        self._outgoing: ssl.MemoryBIO | None = None
+        self.ssl_object: ssl.SSLObject | None = None
+        self._eof = False
+        self._lost: BaseException | None = None  # why the connection ended, when it ended in error
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._write_waiter: asyncio.Future[None] | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._incoming is not None:
+            self._incoming.write(data)
+        else:
+            self._plain += data
+        if not self._paused and self._buffered() > STREAM_LIMIT and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._end()
+        return False  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self._lost is None:
+            self._lost = exc
+        self._end()
+        if self._write_waiter is not None and not self._write_waiter.done():
+            self._write_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._write_waiter is None or self._write_waiter.done():
+            self._write_waiter = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._write_waiter is not None and not self._write_waiter.done():
+            self._write_waiter.set_result(None)
+
+    # --- for probers ------------------------------------------------------------------
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        """Run the TLS handshake; raises ssl.SSLError, or a connection error, when it fails."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        if self._plain:  # what the server sent before our ClientHello is read as its handshake
+            incoming.write(bytes(self._plain))
+            self._plain.clear()
+        if self._eof:
+            incoming.write_eof()
+        self._incoming, self._outgoing = incoming, outgoing
+        tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+        self.ssl_object = tls
+        while True:
+            try:
+                tls.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                self._flush()
+                await self._more()
+            except ssl.SSLEOFError:
+                if self._lost is not None:  # a reset, not a close: say so
+                    raise self._lost from None
+                raise
+
+    def write(self, data: bytes) -> None:
+        """Send `data`, through TLS once it is on; never blocks (see drain)."""
+        if self._lost is not None:
+            raise self._lost
+        if self.ssl_object is not None:
+            self.ssl_object.write(data)
+            self._flush()
+        elif self._transport is not None:
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        if self._write_waiter is not None and not self._write_waiter.done():
+            await self._write_waiter
+        if self._lost is not None:
+            raise self._lost
+
+    async def read(self, limit: int) -> bytes:
+        """Return up to `limit` received bytes; b"" at the end of the stream."""
+        tls = self.ssl_object
+        while True:
+            if tls is not None:
+                try:
+                    data = tls.read(limit)
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:  # close_notify: a clean end
+                    return b""
+                except ssl.SSLEOFError:  # the TCP stream ended without close_notify
+                    if self._lost is not None:
+                        raise self._lost from None
+                    return b""  # an end too, as the loop's TLS transport reads it
+                else:
+                    self._resume()
+                    return data
+                self._flush()  # a post-handshake message (key update) may need an answer
+            elif self._plain:
+                data = bytes(self._plain[:limit])
+                del self._plain[:limit]
+                self._resume()
+                return data
+            elif self._eof:
+                if self._lost is not None:
+                    raise self._lost
+                return b""
+            await self._more()
+
+    def get_extra_info(self, name: str) -> object:
+        """Return the TLS object for "ssl_object"; otherwise what the transport knows."""
+        if name == "ssl_object":
+            return self.ssl_object
+        return self._transport.get_extra_info(name) if self._transport is not None else None
+
+    def abort(self) -> None:
+        """Drop the connection at once (a TLS close would wait for a hostile peer's close_notify)."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    # --- inside -----------------------------------------------------------------------
+
+    def _buffered(self) -> int:
+        return self._incoming.pending if self._incoming is not None else len(self._plain)
+
+    def flush(self) -> None:
+        """Send what TLS has ready to go (the handshake's last flight is otherwise held for the first write)."""
+        self._flush()
+
+    def _flush(self) -> None:
+        outgoing = self._outgoing
+        if outgoing is not None and outgoing.pending and self._transport is not None:
+            self._transport.write(outgoing.read())
+
+    def _resume(self) -> None:
+        if self._paused and self._buffered() <= STREAM_LIMIT and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def _end(self) -> None:
+        self._eof = True
+        if self._incoming is not None and not self._incoming.eof:
+            self._incoming.write_eof()
+        self._wake()
+
+    async def _more(self) -> None:
+        """Wait for more bytes or the end; raise if the stream already ended with nothing left."""
+        if self._eof:
+            raise self._lost if self._lost is not None else ConnectionResetError(
+                errno.ECONNRESET, "connection closed by the peer"
+            )
+        self._resume()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 async def open_socket(host: str, port: int, route: Route, trace: Trace) -> socket.socket:
@@ -196,15 +379,12 @@ def _refused(p: Proxy, e: ProxyError, trace: Trace) -> ProxyFailure:
     return ProxyFailure(f"proxy {p.redacted()} did not connect to the target: {detail}", outcome, detail)
 
 
-async def start_tls(
-    writer: asyncio.StreamWriter, context: ssl.SSLContext, server_name: str, trace: Trace
-) -> TlsInfo:
+async def start_tls(conn: Connection, context: ssl.SSLContext, server_name: str, trace: Trace) -> TlsInfo:
     """Run the TLS handshake with SNI `server_name`, timing the `tls` phase."""
     trace.sni = server_name
     with trace.phase(Phase.TLS, Stage.TLS):
-        await writer.start_tls(context, server_hostname=server_name)
-    ssl_object = writer.get_extra_info("ssl_object")
-    info = tls_info(ssl_object)
+        await conn.start_tls(context, server_name)
+    info = tls_info(conn.ssl_object)
     trace.tls = info
     return info
 
@@ -257,7 +437,6 @@ def _earliest_expiry(ssl_object: Any, chain: list[Any]) -> float | None:
     return min(expiries) if expiries else None
 
 
-def close(writer: asyncio.StreamWriter) -> None:
+def close(conn: Connection) -> None:
     """Close a connection without waiting on a peer that may never answer."""
-    # abort(): a TLS close would wait for the peer's close_notify, which a hostile peer never sends.
-    writer.transport.abort()
+    conn.abort()

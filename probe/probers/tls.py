@@ -17,8 +17,9 @@ async def probe(target: Target, route: Route, deadline: Deadline, ctx: ProbeCont
 
 async def _body(target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> None:
     address = await resolve(target.host, route, deadline, ctx, trace)
-    _, writer = await dial.connect(address, target.port, route, trace)
+    conn = await dial.connect(address, target.port, route, trace)
     try:
-        await dial.start_tls(writer, ctx.tls.verifying(target.ca_file), target.sni, trace)
+        await dial.start_tls(conn, ctx.tls.verifying(target.ca_file), target.sni, trace)
+        conn.flush()  # the handshake's last flight: nothing else will carry it
     finally:
-        dial.close(writer)
+        dial.close(conn)
