@@ -77,36 +77,30 @@ async def _fetch(
 ) -> _Response:
     host, https, port, host_header, path = _url_parts(url)
     address = await resolve(host, route, deadline, ctx, trace)
-    reader, writer = await dial.connect(address, port, route, trace)
+    conn = await dial.connect(address, port, route, trace)
     try:
         if https:
             server_name = target.server_name if host == target.host and target.server_name else host
-            await dial.start_tls(writer, ctx.tls.verifying(target.ca_file), server_name, trace)
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+            await dial.start_tls(conn, ctx.tls.verifying(target.ca_file), server_name, trace)
+        http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
         trace.http_host = host_header
-        headers = [
-            ("Host", host_header),
-            ("User-Agent", USER_AGENT),
-            ("Accept", "*/*"),
-            ("Connection", "close"),
-            *target.headers,
-        ]
         method = target.method if phases else "GET"
+        request = _request(method, path, host_header, target.headers)
         begin = trace.now()
         trace.enter(Stage.REQUEST)
-        writer.write(conn.send(h11.Request(method=method, target=path, headers=headers)))
-        writer.write(conn.send(h11.EndOfMessage()))
-        await writer.drain()
-        head = await _next_event(conn, reader, trace)
+        head_bytes = http.send(request) or b""
+        conn.write(head_bytes + (http.send(h11.EndOfMessage()) or b""))
+        await conn.drain()
+        head = await _next_event(http, conn, trace)
         while isinstance(head, h11.InformationalResponse):
-            head = await _next_event(conn, reader, trace)
+            head = await _next_event(http, conn, trace)
         assert isinstance(head, h11.Response)
         if phases:
             trace.add_phase(Phase.PROCESSING, trace.now() - begin)
         begin = trace.now()
         trace.enter(body_stage)
         trace.body_bytes = 0
-        body, truncated = await _read_body(conn, reader, trace, limit, keep=phases)
+        body, truncated = await _read_body(http, conn, trace, limit, keep=phases)
         if phases:
             trace.add_phase(Phase.TRANSFER, trace.now() - begin)
         if truncated:
@@ -118,7 +112,14 @@ async def _fetch(
             truncated=truncated,
         )
     finally:
-        dial.close(writer)
+        dial.close(conn)
+
+
+@functools.lru_cache(maxsize=16384)
+def _request(method: str, path: str, host_header: str, extra: tuple[tuple[str, str], ...]) -> h11.Request:
+    """Return the request of a probe: h11 validates it once per distinct request, not per probe."""
+    headers = [("Host", host_header), ("User-Agent", USER_AGENT), ("Accept", "*/*"), ("Connection", "close"), *extra]
+    return h11.Request(method=method, target=path, headers=headers)
 
 
 @functools.lru_cache(maxsize=16384)
@@ -130,32 +131,32 @@ def _url_parts(url: str) -> tuple[str, bool, int, str, str]:
     return parts.hostname or "", https, parts.port or (443 if https else 80), parts.netloc.rpartition("@")[2], path
 
 
-async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, trace: Trace) -> object:
+async def _next_event(http: h11.Connection, conn: dial.Connection, trace: Trace) -> object:
     while True:
         try:
-            event = conn.next_event()
+            event = http.next_event()
         except h11.RemoteProtocolError as e:
             if e.error_status_hint == 431:  # h11's "Receive buffer too long": an event over the limit
                 what = "response head" if trace.stage is Stage.REQUEST else "chunk header or trailer"
                 raise Unexpected(f"{what} larger than {MAX_HEADER_BYTES} bytes: not an honest server") from e
             raise
         if event is h11.NEED_DATA:
-            data = await reader.read(READ_CHUNK)
+            data = await conn.read(READ_CHUNK)
             if not data and trace.stage is Stage.REQUEST:
                 raise EOFError("connection closed before any response")
-            if not data and conn.their_state is h11.SEND_BODY:
+            if not data and http.their_state is h11.SEND_BODY:
                 raise EOFError(f"connection closed after {trace.body_bytes} body bytes")
-            conn.receive_data(data)
+            http.receive_data(data)
             continue
         return event
 
 
 async def _read_body(
-    conn: h11.Connection, reader: asyncio.StreamReader, trace: Trace, limit: int, *, keep: bool
+    http: h11.Connection, conn: dial.Connection, trace: Trace, limit: int, *, keep: bool
 ) -> tuple[bytes, bool]:
     chunks: list[bytes] = []
     while True:
-        event = await _next_event(conn, reader, trace)
+        event = await _next_event(http, conn, trace)
         if isinstance(event, h11.Data):
             take = min(len(event.data), limit - trace.body_bytes)
             if keep:
