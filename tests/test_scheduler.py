@@ -13,7 +13,7 @@ import pytest
 from probe.config import Config, Route, Target, loads
 from probe.context import ProbeContext
 from probe.models import Deadline, DnsResult, Outcome, ProbeResult
-from probe.scheduler import Scheduler, dns_job_id, probe_job_id, spread
+from probe.scheduler import START_GRID_SECONDS, Scheduler, dns_job_id, probe_job_id, spread, start_offset
 from probe.store import ResultStore
 
 
@@ -104,7 +104,7 @@ async def test_start_times_spread_over_the_interval_deterministically() -> None:
     assert len(next_runs) == 40
     for job_id, at in next_runs.items():
         assert at is not None and before <= at <= after + 10.0
-        assert at % 10.0 == pytest.approx(spread(job_id) * 10.0, abs=1e-3)  # stable phase per job
+        assert at % 10.0 == pytest.approx(start_offset(job_id, 10.0), abs=1e-3)  # stable phase per job
     slots = {int((at or 0) % 10.0) for at in next_runs.values()}
     assert len(slots) >= 8, "runs should spread over the interval, not start at once"
     async with running(config, FakeProbe()) as again:
@@ -113,6 +113,26 @@ async def test_start_times_spread_over_the_interval_deterministically() -> None:
             assert again_at is not None and at is not None
             assert (again_at - at) % 10.0 == pytest.approx(0.0, abs=1e-3) or (again_at - at) % 10.0 == (
                 pytest.approx(10.0, abs=1e-3))
+
+
+def test_start_offsets_lie_on_the_grid_within_one_slot_of_the_spread() -> None:
+    for i in range(200):
+        job_id = probe_job_id(f"t{i}", "direct")
+        offset = start_offset(job_id, 30.0)
+        slots = offset / START_GRID_SECONDS
+        assert slots == pytest.approx(round(slots), abs=1e-6)  # on the grid: jobs of one slot start together
+        assert 0.0 <= spread(job_id) * 30.0 - offset < START_GRID_SECONDS
+    # An interval of a few slots keeps the exact spread (rounding would bunch every job at 0).
+    assert start_offset("probe:t0:direct", 0.1) == spread("probe:t0:direct") * 0.1
+
+
+async def test_jobs_of_one_grid_slot_start_together() -> None:
+    probe = FakeProbe()
+    config = make_config(n=60, interval="1s")  # 60 jobs in 20 slots: most slots hold several
+    async with running(config, probe) as scheduler:
+        planned = {job_id: scheduler.next_run_time(job_id) for job_id in scheduler.job_ids()}
+    distinct = {round(at or 0.0, 3) for at in planned.values()}
+    assert len(distinct) <= round(1.0 / START_GRID_SECONDS) + 1 < len(planned)  # 20 slots in the next second, or 21
 
 
 async def test_a_pair_never_overlaps_when_the_probe_outlasts_its_interval() -> None:
@@ -222,7 +242,7 @@ async def test_apply_adds_removes_and_reschedules_jobs_without_restarting() -> N
         assert scheduler.next_run_time(kept) == kept_next  # unchanged jobs keep their schedule
         t1_next = scheduler.next_run_time(probe_job_id("t1", "direct"))
         assert t1_next is not None and t1_next % 20.0 == pytest.approx(
-            spread(probe_job_id("t1", "direct")) * 20.0, abs=1e-3)
+            start_offset(probe_job_id("t1", "direct"), 20.0), abs=1e-3)
         assert scheduler.job_options(probe_job_id("t1", "direct"))["misfire_grace_time"] == 20
         assert scheduler.next_run_time(probe_job_id("t2", "direct")) is None
 
