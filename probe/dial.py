@@ -160,6 +160,11 @@ class Connection(asyncio.Protocol):
                 return b""
             await self._more()
 
+    @property
+    def pending(self) -> int:
+        """Received bytes held and not yet read (still encrypted, under TLS)."""
+        return self._buffered()
+
     def get_extra_info(self, name: str) -> object:
         """Return the TLS object for "ssl_object"; otherwise what the transport knows."""
         if name == "ssl_object":

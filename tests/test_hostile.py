@@ -94,8 +94,9 @@ class HttpCase:
     outcome: Outcome
     evidence: str
     max_mib: float
-    tls: bool = False
+    tls: bool = False  # probe with https:// (the handler itself speaks, or breaks, TLS)
     max_body_bytes: int | None = None
+    server_tls: bool = False  # the handler speaks HTTP inside a real TLS server
 
 
 HTTP_CASES = [
@@ -114,6 +115,13 @@ HTTP_CASES = [
     HttpCase("header-of-8-mib", hostile.huge_header, Outcome.HTTP_UNEXPECTED, "response head larger than", 3),
     HttpCase("redirect-loop", hostile.redirect_loop, Outcome.HTTP_UNEXPECTED, "redirect loop", 2),
     HttpCase("redirects-without-end", hostile.redirect_forever, Outcome.HTTP_UNEXPECTED, "more than 10 redirects", 2),
+    # Over TLS the probe reads through its own SSLObject: a flood must still cost bounded memory.
+    HttpCase("endless-body-over-tls", hostile.endless_body, Outcome.OK, "stopped reading the body at 262144 bytes",
+             3, tls=True, max_body_bytes=256 * 1024, server_tls=True),
+    HttpCase("header-of-8-mib-over-tls", hostile.huge_header, Outcome.HTTP_UNEXPECTED, "response head larger than",
+             3, tls=True, server_tls=True),
+    HttpCase("body-trickled-over-tls", hostile.trickled_body, Outcome.HTTP_TIMEOUT, "response body incomplete after",
+             2, tls=True, server_tls=True),
     HttpCase("tls-garbage", hostile.tls_garbage, Outcome.TLS_RESET, "after ClientHello", 2, tls=True),
     HttpCase("tls-stall-mid-handshake", hostile.tls_stall_mid_handshake, Outcome.TLS_TIMEOUT, "stalled", 2,
              tls=True),
@@ -122,7 +130,7 @@ HTTP_CASES = [
 
 @pytest.mark.parametrize("case", HTTP_CASES, ids=[c.id for c in HTTP_CASES])
 async def test_hostile_http_server_ends_by_the_deadline_with_its_outcome(case: HttpCase, pki: Pki) -> None:
-    async with serving(case.handler) as port:
+    async with serving(case.handler, pki if case.server_tls else None) as port:
         scheme = "https" if case.tls else "http"
         target: dict[str, Any] = {"url": f"{scheme}://127.0.0.1:{port}/", "server_name": "localhost"}
         if case.max_body_bytes is not None:
