@@ -129,6 +129,10 @@ def table(r: dict[str, Any]) -> str:
         add(f"/metrics at {s['pairs']:,} pairs ({s['metrics_bytes'] / 2**20:.1f} MB)",
             f"{s['metrics_seconds_median'] * 1000:.0f} ms", "", f"< {TARGETS['metrics_10000_ms']} ms" if big else "",
             s["metrics_seconds_median"] * 1000 < TARGETS["metrics_10000_ms"] if big else None)
+        lag = s.get("lag_during_scrapes")
+        if lag:
+            add(f"  scheduler lag p99 while scraped ({s['pairs']:,} pairs)", f"{lag['p99'] * 1000:.0f} ms", "",
+                "", None)
     a = r["accuracy"]
     if a:
         add(f"lab: plain connect() - {a['delay_ms']:.0f} ms delay", f"{a['reference']['error_ms_median']:.2f} ms",

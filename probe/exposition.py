@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from itertools import repeat
 
 from probe.config import Config, TargetKind
 from probe.models import Outcome
@@ -108,9 +107,17 @@ def _rows(config: Config) -> list[_Row]:
     return rows
 
 
+LABELS = b"\x01"  # where a multi-line template takes the pair's labels: filled by bytes.replace(), after the values
+
+
 def _template(lines: Sequence[tuple[str, str, str]]) -> bytes:
-    """Return the %-template of lines `name{%s<extra>} <field>`, one per (name, extra, field): %s takes the labels."""
-    return "".join(f"{name}{{%s{extra}}} {field}\n" for name, extra, field in lines).encode()
+    """Return the template of lines `name{LABELS<extra>} <field>`, one per (name, extra, field).
+
+    `(template % values).replace(LABELS, labels)` writes a pair's lines: one % for the values,
+    then one replace for the labels, which is ~20% faster than interleaving the labels with
+    the values in one % (the labels hold no %, and the values never hold LABELS).
+    """
+    return "".join(f"{name}{{{LABELS.decode()}{extra}}} {field}\n" for name, extra, field in lines).encode()
 
 
 def _lines(name: str, extras: Sequence[str], field: str) -> bytes:
@@ -131,7 +138,7 @@ _ONE_HOT = tuple(
 )
 _NONE_HOT = _template([("probe_outcome", extra, "0.0") for extra in _OUTCOME_EXTRAS])
 _RUNS = _lines("probe_runs_total", _OUTCOME_EXTRAS, "%d")
-_HTTP_PHASES = _lines("probe_http_duration_seconds", _PHASE_EXTRAS, "%a")
+_HTTP_PHASES = _lines("probe_http_duration_seconds", _PHASE_EXTRAS, "%s")
 
 
 def _histogram_template() -> bytes:
@@ -139,60 +146,65 @@ def _histogram_template() -> bytes:
     lines: list[tuple[str, str, str]] = []
     for extra in _PHASE_EXTRAS:
         lines += [("probe_phase_seconds_bucket", f'{extra},le="{le}"', "%d") for le in les]
-        lines += [("probe_phase_seconds_count", extra, "%d"), ("probe_phase_seconds_sum", extra, "%a")]
+        lines += [("probe_phase_seconds_count", extra, "%d"), ("probe_phase_seconds_sum", extra, "%s")]
     return _template(lines)
 
 
 assert SLOTS == len(LATENCY_BUCKETS) + 1
 _HISTOGRAM = _histogram_template()
 _HISTOGRAM_LINES = _N_PHASES * (SLOTS + 2)
-_ZERO_RUNS = (0,) * _N_OUTCOMES
-_EMPTY_HISTOGRAM = ((0,) * (SLOTS + 1) + (0.0,)) * _N_PHASES
+_NO_RUNS = _RUNS % ((0,) * _N_OUTCOMES)
+_NO_HISTOGRAM = _HISTOGRAM % (((0,) * (SLOTS + 1) + (b"0.0",)) * _N_PHASES)
 
 
-def _histogram_values(s: PairState) -> tuple[int | float | _Special, ...]:
+def _histogram_values(s: PairState, t: Sequence[bytes]) -> tuple[int | bytes, ...]:
     """Return the fields of one pair's histogram lines: per phase its cumulative buckets, count, sum."""
-    c, sums = s.counts, s.sums
-    if not math.isfinite(sum(sums)):
-        return tuple(x for i in range(_N_PHASES)
-                     for x in (*c[i * SLOTS:(i + 1) * SLOTS], c[(i + 1) * SLOTS - 1], _f(sums[i])))
-    return (*c[0:14], c[13], sums[0], *c[14:28], c[27], sums[1], *c[28:42], c[41], sums[2],
-            *c[42:56], c[55], sums[3], *c[56:70], c[69], sums[4])
+    c = s.counts
+    return (*c[0:14], c[13], t[6], *c[14:28], c[27], t[7], *c[28:42], c[41], t[8],
+            *c[42:56], c[55], t[9], *c[56:70], c[69], t[10])
 
 
-assert _N_PHASES == 5 and SLOTS == 14  # _histogram_values() spells the layout out
+assert _N_PHASES == 5 and SLOTS == 14  # _histogram_values() and _TEXTS spell the layouts out
 
-Writer = Callable[[Sequence[_Row], Sequence[PairState | None], dict[tuple[str, str], Ranked]], list[bytes]]
+# The float values of a pair, written once per result: repr() of a double costs ~0.6 us (shortest
+# round trip), and a pair has 13 of them. Joined by | into PairState.memo until the pair records.
+_TEXTS = b"|".join([b"%a"] * 13)  # duration, the 5 phases of the latest result, the 5 phase sums, end, score
+
+
+def _texts(s: PairState, score: float) -> bytes:
+    r = s.latest
+    values = (r.duration_seconds, *s.phases, *s.sums, r.started_at + r.duration_seconds, score)
+    return _TEXTS % (values if math.isfinite(sum(values)) else tuple(map(_f, values)))
+
+
+Texts = Sequence[Sequence[bytes]]  # per pair of a batch its float values as text (see _texts), () for none
+Writer = Callable[[Sequence[_Row], Sequence[PairState | None], Texts, dict[tuple[str, str], Ranked]], list[bytes]]
 
 
 def _writers() -> list[tuple[int, Writer]]:
     """Return, per family of FAMILIES, (lines per pair at most, the function writing a batch of pairs)."""
 
-    def success(rows: Sequence[_Row], states: Sequence[PairState | None], ranked: object) -> list[bytes]:
+    def success(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
         return [b"probe_success{%s} %s\n" % (r.labels, b"1.0" if s.latest.outcome is Outcome.OK else b"0.0")
                 for r, s in zip(rows, states, strict=True) if s is not None]
 
-    def duration(rows: Sequence[_Row], states: Sequence[PairState | None], ranked: object) -> list[bytes]:
-        return [b"probe_duration_seconds{%s} %a\n" % (r.labels, _f(s.latest.duration_seconds))
-                for r, s in zip(rows, states, strict=True) if s is not None]
+    def duration(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
+        return [b"probe_duration_seconds{%s} %s\n" % (r.labels, t[0]) for r, t in zip(rows, texts, strict=True) if t]
 
-    def http_phases(rows: Sequence[_Row], states: Sequence[PairState | None], ranked: object) -> list[bytes]:
-        out = []
-        for r, s in zip(rows, states, strict=True):
-            if s is None or not r.http:
-                continue
-            p, labels = s.phases, r.labels
-            if math.isfinite(sum(p)):
-                out.append(_HTTP_PHASES % (labels, p[0], labels, p[1], labels, p[2], labels, p[3], labels, p[4]))
-            else:
-                out.append(_HTTP_PHASES % tuple(x for v in p for x in (labels, _f(v))))
-        return out
+    def http_phases(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
+        return [(_HTTP_PHASES % (t[1], t[2], t[3], t[4], t[5])).replace(LABELS, r.labels)
+                for r, t in zip(rows, texts, strict=True) if t and r.http]
 
-    def status(rows: Sequence[_Row], states: Sequence[PairState | None], ranked: object) -> list[bytes]:
+    def status(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
         return [b"probe_http_status_code{%s} %d.0\n" % (r.labels, s.latest.http_status or 0)
                 for r, s in zip(rows, states, strict=True) if s is not None and r.http]
 
-    def expiry(rows: Sequence[_Row], states: Sequence[PairState | None], ranked: object) -> list[bytes]:
+    def expiry(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
         out = []
         for r, s in zip(rows, states, strict=True):
             tls = None if s is None else s.latest.tls
@@ -202,7 +214,8 @@ def _writers() -> list[tuple[int, Writer]]:
 
     versions: dict[str, bytes] = {}
 
-    def tls_version(rows: Sequence[_Row], states: Sequence[PairState | None], ranked: object) -> list[bytes]:
+    def tls_version(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
         out = []
         for r, s in zip(rows, states, strict=True):
             tls = None if s is None else s.latest.tls
@@ -215,55 +228,48 @@ def _writers() -> list[tuple[int, Writer]]:
 
     one_hot = {o: _ONE_HOT[i] for i, o in enumerate(OUTCOMES)}
 
-    def outcome(rows: Sequence[_Row], states: Sequence[PairState | None], ranked: object) -> list[bytes]:
-        return [(_NONE_HOT if s is None else one_hot[s.latest.outcome]) % ((r.labels,) * _N_OUTCOMES)
+    def outcome(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
+        return [(_NONE_HOT if s is None else one_hot[s.latest.outcome]).replace(LABELS, r.labels)
                 for r, s in zip(rows, states, strict=True)]
 
-    def blocked(rows: Sequence[_Row], states: Sequence[PairState | None], ranked: object) -> list[bytes]:
+    def blocked(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
         return [b"probe_blocked{%s} %s\n" % (r.labels, b"1.0" if s.latest.outcome.blocked else b"0.0")
                 for r, s in zip(rows, states, strict=True) if s is not None]
 
-    def throughput(rows: Sequence[_Row], states: Sequence[PairState | None], ranked: object) -> list[bytes]:
+    def throughput(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
         out = []
         for r, s in zip(rows, states, strict=True):
             if s is not None and r.download and (rate := s.latest.throughput_bytes_per_second) is not None:
                 out.append(b"probe_throughput_bytes_per_second{%s} %a\n" % (r.labels, _f(rate)))
         return out
 
-    buf: list[object] = [b"", 0] * _N_OUTCOMES
+    def runs(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
+        return [(_NO_RUNS if s is None else _RUNS % tuple(s.runs)).replace(LABELS, r.labels)
+                for r, s in zip(rows, states, strict=True)]
 
-    def runs(rows: Sequence[_Row], states: Sequence[PairState | None], ranked: object) -> list[bytes]:
-        out = []
-        for r, s in zip(rows, states, strict=True):
-            buf[0::2] = repeat(r.labels, _N_OUTCOMES)
-            buf[1::2] = _ZERO_RUNS if s is None else s.runs
-            out.append(_RUNS % tuple(buf))
-        return out
+    def phases(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
+        return [(_NO_HISTOGRAM if s is None else _HISTOGRAM % _histogram_values(s, t)).replace(LABELS, r.labels)
+                for r, s, t in zip(rows, states, texts, strict=True)]
 
-    hbuf: list[object] = [b"", 0] * _HISTOGRAM_LINES
-
-    def phases(rows: Sequence[_Row], states: Sequence[PairState | None], ranked: object) -> list[bytes]:
-        out = []
-        for r, s in zip(rows, states, strict=True):
-            hbuf[0::2] = repeat(r.labels, _HISTOGRAM_LINES)
-            hbuf[1::2] = _EMPTY_HISTOGRAM if s is None else _histogram_values(s)
-            out.append(_HISTOGRAM % tuple(hbuf))
-        return out
-
-    def rank(rows: Sequence[_Row], states: Sequence[PairState | None],
+    def rank(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
              ranked: dict[tuple[str, str], Ranked]) -> list[bytes]:
         return [b"probe_route_rank{%s} %d.0\n" % (r.labels, x.rank)
                 for r in rows if (x := ranked.get(r.pair)) is not None]
 
-    def score(rows: Sequence[_Row], states: Sequence[PairState | None],
+    def score(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
               ranked: dict[tuple[str, str], Ranked]) -> list[bytes]:
-        return [b"probe_route_score{%s} %a\n" % (r.labels, _f(x.score))
-                for r in rows if (x := ranked.get(r.pair)) is not None]
+        return [b"probe_route_score{%s} %s\n" % (r.labels, t[12] if t else b"%a" % _f(x.score))
+                for r, t in zip(rows, texts, strict=True) if (x := ranked.get(r.pair)) is not None]
 
-    def last_run(rows: Sequence[_Row], states: Sequence[PairState | None], ranked: object) -> list[bytes]:
-        return [b"probe_last_run_timestamp_seconds{%s} %a\n"
-                % (r.labels, _f(s.latest.started_at + s.latest.duration_seconds))
-                for r, s in zip(rows, states, strict=True) if s is not None]
+    def last_run(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
+        return [b"probe_last_run_timestamp_seconds{%s} %s\n" % (r.labels, t[11])
+                for r, t in zip(rows, texts, strict=True) if t]
 
     return [
         (1, success), (1, duration), (_N_PHASES, http_phases), (1, status), (1, expiry), (1, tls_version),
@@ -280,12 +286,24 @@ def render_pairs(store: ResultStore, config: Config) -> Iterator[bytes]:
     rows = _rows(config)
     states = [store.state(*r.pair) for r in rows]
     ranked = {(x.target, x.route): x for ranking in store.ranking(config).values() for x in ranking}
+    keep = config is store.config  # the scores in a memo are those of the store's config
+    texts: list[Sequence[bytes]] = []
+    for r, s in zip(rows, states, strict=True):
+        if s is None:
+            texts.append(())
+            continue
+        memo = s.memo if keep else None
+        if memo is None:
+            memo = _texts(s, ranked[r.pair].score)
+            if keep:
+                s.memo = memo
+        texts.append(memo.split(b"|"))
     for (name, kind_name, help_text), (lines_per_pair, write) in zip(FAMILIES, _WRITERS, strict=True):
         escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
         parts = [f"# HELP {name} {escaped}\n# TYPE {name} {kind_name}\n".encode()]
         step = max(1, CHUNK_LINES // lines_per_pair)
         for i in range(0, len(rows), step):
-            parts += write(rows[i:i + step], states[i:i + step], ranked)
+            parts += write(rows[i:i + step], states[i:i + step], texts[i:i + step], ranked)
             yield b"".join(parts)
             parts = []
         if parts:

@@ -77,7 +77,7 @@ class PairState:
     times, 0.0 for a phase it did not complete.
     """
 
-    __slots__ = ("counts", "history", "latest", "phases", "runs", "sums")
+    __slots__ = ("counts", "history", "latest", "memo", "phases", "runs", "sums")
 
     def __init__(self, first: ProbeResult) -> None:
         self.latest = first
@@ -86,11 +86,13 @@ class PairState:
         self.counts = array("q", bytes(8 * SLOTS * len(PHASES)))
         self.sums = array("d", bytes(8 * len(PHASES)))
         self.phases = array("d", bytes(8 * len(PHASES)))
+        self.memo: bytes | None = None  # exposition's text of the float values; None when they changed
         self.record(first)
 
     def record(self, result: ProbeResult) -> None:
         """Count `result` in and keep it as the latest."""
         self.latest = result
+        self.memo = None
         self.runs[_CODE[result.outcome]] += 1
         counts, sums, latest = self.counts, self.sums, self.phases
         latest[:] = _NO_PHASES
@@ -173,6 +175,8 @@ class ResultStore:
         self._groups = _groups(config)
         for pair in [p for p in self._state if p not in self._pairs]:
             del self._state[pair]
+        for state in self._state.values():
+            state.memo = None  # a timeout may have changed, and with it the score
         self._ranked.clear()  # timeouts, routes and groups may have changed
         self._group_ranked.clear()
         self._route_leaders = {t: r for t, r in self._route_leaders.items() if (t, r) in self._pairs}

@@ -216,3 +216,32 @@ def test_values_are_written_as_the_text_format_reads_them(raw: float, written: s
 
 def test_label_values_are_escaped() -> None:
     assert exposition.label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+def test_values_written_again_after_a_result_is_recorded_and_on_reload() -> None:
+    store, cfg = _store()
+    assert isinstance(cfg, Config)
+    _assert_same_as_prometheus_client(store, cfg)  # keeps each pair's float values as text
+    first = metrics.render(store, cfg)
+    assert metrics.render(store, cfg).split(b"# HELP process_")[0] == first.split(b"# HELP process_")[0]
+    now = time.time()
+    # A new result of ssh/direct; web/bound, faster and now ok, moves web/direct's rank without a run of its own.
+    store.record(ProbeResult("ssh", "direct", Outcome.OK, now, 0.002, phases={Phase.CONNECT: 0.001}))
+    for _ in range(20):
+        store.record(ProbeResult("web", "bound", Outcome.OK, now, 0.01, phases={Phase.CONNECT: 0.001},
+                                 tls=TLS, http_status=200, throughput_bytes_per_second=1e9))
+    assert store.ranking()["web"][0].route == "bound"
+    _assert_same_as_prometheus_client(store, cfg)
+    # A reload: another vantage, a target gone, a timeout changed (the score of a timed-out route uses it).
+    new_text = CONFIG.replace('test "quoted" vantage', "vantage-2").replace(
+        "  - name: plain\n    url: http://198.51.100.7/\n", "").replace(
+        "address: 127.0.0.1:22\n", "address: 127.0.0.1:22\n    timeout: 2s\n")
+    new = loads(new_text)
+    store.reload_succeeded(new)
+    assert store.ranking() == store.ranking(loads(new_text))
+    bound = next(r for r in store.ranking()["ssh"] if r.route == "bound")
+    assert bound.score == pytest.approx(3000 + 2.0 * (1 + 4 * 1.0))  # blocked tier (timed out), the new 2 s timeout
+    _assert_same_as_prometheus_client(store, new)
+    text = metrics.render(store, new).decode()
+    assert 'target="plain"' not in text and 'vantage="vantage-2"' in text and "quoted" not in text
+    assert 'probe_route_score{vantage="vantage-2",target="ssh",route="bound"} 3010.0\n' in text
