@@ -177,7 +177,7 @@ def _texts(s: PairState, score: float) -> bytes:
     return _TEXTS % (values if math.isfinite(sum(values)) else tuple(map(_f, values)))
 
 
-Texts = Sequence[Sequence[bytes]]  # per pair of a batch its float values as text (see _texts), () for none
+Texts = Sequence[bytes]  # per pair of a batch its float values as text (see _texts), b"" for none
 Writer = Callable[[Sequence[_Row], Sequence[PairState | None], Texts, dict[tuple[str, str], Ranked]], list[bytes]]
 
 
@@ -191,11 +191,12 @@ def _writers() -> list[tuple[int, Writer]]:
 
     def duration(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
             ranked: object) -> list[bytes]:
-        return [b"probe_duration_seconds{%s} %s\n" % (r.labels, t[0]) for r, t in zip(rows, texts, strict=True) if t]
+        return [b"probe_duration_seconds{%s} %s\n" % (r.labels, t.split(b"|", 1)[0])
+                for r, t in zip(rows, texts, strict=True) if t]
 
     def http_phases(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
             ranked: object) -> list[bytes]:
-        return [(_HTTP_PHASES % (t[1], t[2], t[3], t[4], t[5])).replace(LABELS, r.labels)
+        return [(_HTTP_PHASES % tuple(t.split(b"|", 6)[1:6])).replace(LABELS, r.labels)
                 for r, t in zip(rows, texts, strict=True) if t and r.http]
 
     def status(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
@@ -253,7 +254,8 @@ def _writers() -> list[tuple[int, Writer]]:
 
     def phases(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
             ranked: object) -> list[bytes]:
-        return [(_NO_HISTOGRAM if s is None else _HISTOGRAM % _histogram_values(s, t)).replace(LABELS, r.labels)
+        return [(_NO_HISTOGRAM if s is None else _HISTOGRAM % _histogram_values(s, t.split(b"|", 11))).replace(
+                    LABELS, r.labels)
                 for r, s, t in zip(rows, states, texts, strict=True)]
 
     def rank(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
@@ -263,12 +265,12 @@ def _writers() -> list[tuple[int, Writer]]:
 
     def score(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
               ranked: dict[tuple[str, str], Ranked]) -> list[bytes]:
-        return [b"probe_route_score{%s} %s\n" % (r.labels, t[12] if t else b"%a" % _f(x.score))
+        return [b"probe_route_score{%s} %s\n" % (r.labels, t.rsplit(b"|", 1)[1] if t else b"%a" % _f(x.score))
                 for r, t in zip(rows, texts, strict=True) if (x := ranked.get(r.pair)) is not None]
 
     def last_run(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
             ranked: object) -> list[bytes]:
-        return [b"probe_last_run_timestamp_seconds{%s} %s\n" % (r.labels, t[11])
+        return [b"probe_last_run_timestamp_seconds{%s} %s\n" % (r.labels, t.rsplit(b"|", 2)[1])
                 for r, t in zip(rows, texts, strict=True) if t]
 
     return [
@@ -287,17 +289,17 @@ def render_pairs(store: ResultStore, config: Config) -> Iterator[bytes]:
     states = [store.state(*r.pair) for r in rows]
     ranked = {(x.target, x.route): x for ranking in store.ranking(config).values() for x in ranking}
     keep = config is store.config  # the scores in a memo are those of the store's config
-    texts: list[Sequence[bytes]] = []
+    texts: list[bytes] = []
     for r, s in zip(rows, states, strict=True):
         if s is None:
-            texts.append(())
+            texts.append(b"")
             continue
         memo = s.memo if keep else None
         if memo is None:
             memo = _texts(s, ranked[r.pair].score)
             if keep:
                 s.memo = memo
-        texts.append(memo.split(b"|"))
+        texts.append(memo)
     for (name, kind_name, help_text), (lines_per_pair, write) in zip(FAMILIES, _WRITERS, strict=True):
         escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
         parts = [f"# HELP {name} {escaped}\n# TYPE {name} {kind_name}\n".encode()]

@@ -102,19 +102,24 @@ class History:
     def __init__(self, results: Iterable[ProbeResult] = ()) -> None:
         self._outcomes = bytearray()  # outcome codes (index in Outcome)
         self._seconds = array("d")  # request_seconds() of each run
-        self._rates = array("d")  # throughput, NaN for none
+        self._rates: array[float] | None = None  # throughput, NaN for none; None until a run measured one
         self.last_duration_seconds: float | None = None  # of the latest run
         for result in results:
             self.append(result)
 
     def append(self, result: ProbeResult, seconds: float | None = None) -> None:
         """Add the latest run (`seconds`: its request_seconds(), if known); the oldest goes once WINDOW are kept."""
+        rate = result.throughput_bytes_per_second
+        if rate is not None and self._rates is None:  # most targets never download: no array for them
+            self._rates = array("d", [math.nan]) * len(self._outcomes)
         if len(self._outcomes) >= WINDOW:
-            del self._outcomes[0], self._seconds[0], self._rates[0]
+            del self._outcomes[0], self._seconds[0]
+            if self._rates is not None:
+                del self._rates[0]
         self._outcomes.append(_CODE[result.outcome])
         self._seconds.append(request_seconds(result) if seconds is None else seconds)
-        rate = result.throughput_bytes_per_second
-        self._rates.append(math.nan if rate is None else rate)
+        if self._rates is not None:
+            self._rates.append(math.nan if rate is None else rate)
         self.last_duration_seconds = result.duration_seconds
 
     def __len__(self) -> int:
@@ -125,7 +130,7 @@ class History:
         other = History()
         other._outcomes[:] = self._outcomes
         other._seconds[:] = self._seconds
-        other._rates[:] = self._rates
+        other._rates = None if self._rates is None else array("d", self._rates)
         other.last_duration_seconds = self.last_duration_seconds
         return other
 
@@ -140,7 +145,7 @@ class History:
             return RouteStats()
         ok = sorted(s for c, s in zip(codes, self._seconds, strict=True) if c == _OK)
         failed = [c for c in codes if c != _OK]
-        rates = [r for r in self._rates if r == r]  # NaN: the run measured none
+        rates = [r for r in self._rates if r == r] if self._rates is not None else []  # NaN: the run measured none
         return RouteStats(
             runs=len(codes),
             failures=len(failed),
