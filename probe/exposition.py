@@ -3,10 +3,11 @@
 metrics.families() builds prometheus_client objects, one per sample: about 130 samples per
 pair, so at 10,000 pairs over a million objects per scrape, seconds of CPU and a peak of
 hundreds of MB. This module writes the same samples as bytes directly from the store's flat
-per-pair arrays (store.PairState): per family one precompiled %-format template for a pair's
-lines, the pair's label text (built once per config and kept) in every line, and ONE bytes
-`%` operation per pair and family. metrics.render() uses it; tests check that both paths
-expose exactly the same samples.
+per-pair arrays (store.PairState): per family one precompiled template for a pair's lines,
+ONE bytes `%` of the pair's values and ONE replace() that puts the pair's label text (built
+once per config and kept) into every line; the text of a pair's float values is kept until
+it records (PairState.memo). metrics.render() uses it; tests check that both paths expose
+exactly the same samples.
 """
 
 from __future__ import annotations
@@ -124,8 +125,6 @@ def _lines(name: str, extras: Sequence[str], field: str) -> bytes:
     return _template([(name, extra, field) for extra in extras])
 
 
-_OK = OUTCOMES.index(Outcome.OK)
-_BLOCKED = tuple(o.blocked for o in OUTCOMES)
 _N_OUTCOMES = len(OUTCOMES)
 _N_PHASES = len(PHASES)
 _OUTCOME_EXTRAS = [f',outcome="{o.value}"' for o in OUTCOMES]
