@@ -1,6 +1,6 @@
 """The benchmark against blackbox_exporter: `python -m bench` (or `scripts/bench`, which installs what it needs).
 
-    python -m bench [--smoke] [--out bench-results.json] [--skip-accuracy]
+    python -m bench [--smoke] [--out bench-results.json] [--skip-accuracy] [--only PART ...]
 
 Starts its own loopback targets, runs the project (`probe run`) and blackbox_exporter (driven at
 the same rate by bench.driver) against them, and prints a table; the JSON file holds every
@@ -51,8 +51,11 @@ FULL = Plan(300, 20, [200, 400, 500, 600, 700, 800, 900, 1000, 1200], 12, 2.0, [
 SMOKE = Plan(20, 2, [20], 2, 1.0, [20, 100], [3, 3], 0.5, 2, 20, 20.0)
 
 
-def run(plan: Plan, workdir: Path, skip_accuracy: bool) -> dict[str, Any]:
-    """Run every scenario; return the figures."""
+PARTS = ("cpu", "rate", "scale", "accuracy")
+
+
+def run(plan: Plan, workdir: Path, skip_accuracy: bool, only: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """Run every scenario (or those of `only`); return the figures (None for a part not run)."""
     out: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                     "load_average_start": load_average()},
@@ -61,24 +64,28 @@ def run(plan: Plan, workdir: Path, skip_accuracy: bool) -> dict[str, Any]:
     pki = lab.make_pki(workdir, "127.0.0.1", accuracy.SERVER_IP)
     targets, ports = lab.start_targets(workdir, pki)
     env = scenarios.Env(workdir, pki, targets, ports)
+    out["cpu"] = out["rate"] = out["scale"] = None
     try:
         cpu: dict[str, dict[str, Any]] = {}
-        for kind in ("https", "tcp"):
+        for kind in ("https", "tcp") if "cpu" in only else ():
             cpu[kind] = {
                 "probe": scenarios.project_cpu(env, kind, plan.cpu_rate, plan.cpu_seconds),
                 "blackbox": scenarios.blackbox_cpu(env, kind, plan.cpu_rate, plan.cpu_seconds),
             }
             cpu[kind]["ratio"] = cpu[kind]["probe"]["cpu_seconds_per_1000"] / max(
                 cpu[kind]["blackbox"]["cpu_seconds_per_1000"], 1e-9)
-        out["cpu"] = cpu
-        out["rate"] = scenarios.max_rate(env, plan.rates, plan.rate_seconds, plan.rate_interval)
-        out["scale"] = [
-            scenarios.scale(env, pairs, rounds, min_interval=plan.scale_min_interval)
-            for pairs, rounds in zip(plan.pairs, plan.scale_rounds, strict=True)
-        ]
+        if cpu:
+            out["cpu"] = cpu
+        if "rate" in only:
+            out["rate"] = scenarios.max_rate(env, plan.rates, plan.rate_seconds, plan.rate_interval)
+        if "scale" in only:
+            out["scale"] = [
+                scenarios.scale(env, pairs, rounds, min_interval=plan.scale_min_interval)
+                for pairs, rounds in zip(plan.pairs, plan.scale_rounds, strict=True)
+            ]
     finally:
         targets.stop()
-    if skip_accuracy:
+    if skip_accuracy or "accuracy" not in only:
         out["accuracy"] = None
     else:
         out["accuracy"] = accuracy.run(workdir, pki, plan.delay_ms, plan.accuracy_seconds, plan.in_flight)
@@ -93,18 +100,19 @@ def table(r: dict[str, Any]) -> str:
     def add(name: str, ours: str, theirs: str, target: str, met: bool | None) -> None:
         rows.append((name, ours, theirs, target, "" if met is None else ("yes" if met else "NO")))
 
-    for kind in ("https", "tcp"):
+    for kind in ("https", "tcp") if r["cpu"] else ():
         c = r["cpu"][kind]
         add(f"CPU s per 1,000 {kind.upper()} probes", f"{c['probe']['cpu_seconds_per_1000']:.2f}",
             f"{c['blackbox']['cpu_seconds_per_1000']:.2f}",
             f"ratio <= {TARGETS['cpu_ratio']}" if kind == "https" else "",
             c["ratio"] <= TARGETS["cpu_ratio"] if kind == "https" else None)
         add(f"  ratio probe/blackbox ({kind}, {c['probe']['rate_wanted']}/s)", f"{c['ratio']:.2f}", "", "", None)
-    rate = r["rate"]["highest_sustained_rate"]
-    every = all(step["sustained"] for step in r["rate"]["steps"])  # the plan's top rate passed: a lower bound
-    add("highest HTTPS rate, lag p99 < 100 ms", f"{'>= ' if every else ''}{rate:.0f}/s", "",
-        f">= {TARGETS['rate']}/s", rate >= TARGETS["rate"])
-    for s in r["scale"]:
+    if r["rate"]:
+        rate = r["rate"]["highest_sustained_rate"]
+        every = all(step["sustained"] for step in r["rate"]["steps"])  # the plan's top rate passed: a lower bound
+        add("highest HTTPS rate, lag p99 < 100 ms", f"{'>= ' if every else ''}{rate:.0f}/s", "",
+            f">= {TARGETS['rate']}/s", rate >= TARGETS["rate"])
+    for s in r["scale"] or ():
         big = s["pairs"] >= 10000
         full = s["rounds"] >= s["history_window"]
         label = f"peak RSS at {s['pairs']:,} pairs"
@@ -116,11 +124,15 @@ def table(r: dict[str, Any]) -> str:
             projected = s["projected_peak_rss_full_history_bytes"] / 2**20
             add(f"  projected at a full history ({s['history_window']} rounds)", f"{projected:.0f} MB", "",
                 f"< {TARGETS['rss_10000_mb']} MB" if big else "", projected < TARGETS["rss_10000_mb"] if big else None)
-    for s in r["scale"]:
+    for s in r["scale"] or ():
         big = s["pairs"] >= 10000
         add(f"/metrics at {s['pairs']:,} pairs ({s['metrics_bytes'] / 2**20:.1f} MB)",
             f"{s['metrics_seconds_median'] * 1000:.0f} ms", "", f"< {TARGETS['metrics_10000_ms']} ms" if big else "",
             s["metrics_seconds_median"] * 1000 < TARGETS["metrics_10000_ms"] if big else None)
+        lag = s.get("lag_during_scrapes")
+        if lag:
+            add(f"  scheduler lag p99 while scraped ({s['pairs']:,} pairs)", f"{lag['p99'] * 1000:.0f} ms", "",
+                "", None)
     a = r["accuracy"]
     if a:
         add(f"lab: plain connect() - {a['delay_ms']:.0f} ms delay", f"{a['reference']['error_ms_median']:.2f} ms",
@@ -148,12 +160,13 @@ def table(r: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"load average: {r['machine']['load_average_start']} at start, {r['machine']['load_average_end']} "
                  f"at end ({r['machine']['cpus']} CPUs)")
-    h = r["cpu"]["https"]
-    lines.append(
-        "not the limit: targets server {:.2f} ms CPU/probe ({:.0%} of a core); driver {:.2f} ms CPU/probe, "
-        "its schedule p99 late {:.1f} ms".format(
-            h["blackbox"]["targets_cpu_ms_per_probe"], h["blackbox"]["targets_cpu_share_of_a_core"],
-            h["blackbox"]["driver_cpu_ms_per_probe"], h["blackbox"]["driver_lateness_p99"] * 1000))
+    if r["cpu"]:
+        h = r["cpu"]["https"]
+        lines.append(
+            "not the limit: targets server {:.2f} ms CPU/probe ({:.0%} of a core); driver {:.2f} ms CPU/probe, "
+            "its schedule p99 late {:.1f} ms".format(
+                h["blackbox"]["targets_cpu_ms_per_probe"], h["blackbox"]["targets_cpu_share_of_a_core"],
+                h["blackbox"]["driver_cpu_ms_per_probe"], h["blackbox"]["driver_lateness_p99"] * 1000))
     return "\n".join(lines)
 
 
@@ -166,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-history", action="store_true",
                         help="run 10,000 pairs for a whole ranking window (20 rounds, ~9 minutes more) instead of "
                              "projecting the RSS from 5")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="run only these parts (default: all): cpu, rate, scale (RSS and /metrics), accuracy")
     parser.add_argument("--workdir", help="keep configs and logs here (default: a temporary directory)")
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
@@ -174,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pb-bench-") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        results = run(plan, workdir, args.skip_accuracy)
+        results = run(plan, workdir, args.skip_accuracy, tuple(args.only))
     results["plan"] = plan.__dict__
     results["smoke"] = args.smoke
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

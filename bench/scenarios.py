@@ -156,5 +156,6 @@ def scale(env: Env, pairs: int, rounds: int, rate: float = 400.0, min_interval: 
         "peak_rss_bytes": rss["VmHWM"], "rss_bytes": rss["VmRSS"], "rss_by_round": rss_by_round,
         "rss_growth_per_round_bytes": growth, "projected_peak_rss_full_history_bytes": projected,
         "scrape_peak_over_rss_bytes": scrape_peak,
+        "lag_during_scrapes": lag_between(scrape, after),  # starts between the first and the last scrape
         "load_average": load, "first_scrape_pairs_with_results": scrape.success_series,
     }

@@ -64,8 +64,7 @@ def render_chunks(store: ResultStore, config: Config) -> Iterator[bytes]:
     as text without building a prometheus_client object per sample. The rest goes through
     prometheus_client. Same samples as generate_latest(build_registry(...)); tests hold both.
     """
-    for text in render_pairs(store, config):
-        yield text.encode()
+    yield from render_pairs(store, config)
     registry = CollectorRegistry()
     registry.register(_Fixed(_other_families(store, config, config.targets, None)))
     ProcessCollector(registry=registry)

@@ -18,12 +18,14 @@ else failing.
 
 from __future__ import annotations
 
+import math
 import statistics
-from collections.abc import Mapping, Sequence
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from probe.models import Outcome, ProbeResult
+from probe.models import BLOCKED_OUTCOMES, Outcome, ProbeResult
 
 WINDOW = 20  # runs per (target, route) that the score looks at
 MAX_FAILURE_SHARE = 0.25  # more failed runs than this in the window: not working
@@ -81,24 +83,86 @@ class RouteStats:
         return Tier.BLOCKED if self.last_failure is not None and self.last_failure.blocked else Tier.FAILING
 
 
-def summarize(history: Sequence[ProbeResult]) -> RouteStats:
+_OUTCOMES = tuple(Outcome)
+_CODE = {o: i for i, o in enumerate(_OUTCOMES)}
+_OK = _CODE[Outcome.OK]
+_BLOCKED = bytes(o in BLOCKED_OUTCOMES for o in _OUTCOMES)  # code -> 1 for an interference class
+
+
+class History:
+    """The last WINDOW runs of one (target, route), oldest first, as the ranking reads them.
+
+    Per run only its outcome, request time and throughput, packed in three small arrays
+    (about 0.6 KB per pair in all), where a deque of WINDOW whole ProbeResults costs ~6 KB:
+    the store keeps one per pair, 10,000 of them at 10,000 pairs.
+    """
+
+    __slots__ = ("_outcomes", "_rates", "_seconds", "last_duration_seconds")
+
+    def __init__(self, results: Iterable[ProbeResult] = ()) -> None:
+        self._outcomes = bytearray()  # outcome codes (index in Outcome)
+        self._seconds = array("d")  # request_seconds() of each run
+        self._rates: array[float] | None = None  # throughput, NaN for none; None until a run measured one
+        self.last_duration_seconds: float | None = None  # of the latest run
+        for result in results:
+            self.append(result)
+
+    def append(self, result: ProbeResult, seconds: float | None = None) -> None:
+        """Add the latest run (`seconds`: its request_seconds(), if known); the oldest goes once WINDOW are kept."""
+        rate = result.throughput_bytes_per_second
+        if rate is not None and self._rates is None:  # most targets never download: no array for them
+            self._rates = array("d", [math.nan]) * len(self._outcomes)
+        if len(self._outcomes) >= WINDOW:
+            del self._outcomes[0], self._seconds[0]
+            if self._rates is not None:
+                del self._rates[0]
+        self._outcomes.append(_CODE[result.outcome])
+        self._seconds.append(request_seconds(result) if seconds is None else seconds)
+        if self._rates is not None:
+            self._rates.append(math.nan if rate is None else rate)
+        self.last_duration_seconds = result.duration_seconds
+
+    def __len__(self) -> int:
+        return len(self._outcomes)
+
+    def copy(self) -> History:
+        """Return an independent copy."""
+        other = History()
+        other._outcomes[:] = self._outcomes
+        other._seconds[:] = self._seconds
+        other._rates = None if self._rates is None else array("d", self._rates)
+        other.last_duration_seconds = self.last_duration_seconds
+        return other
+
+    def outcomes(self) -> list[Outcome]:
+        """Return the outcomes of the kept runs, oldest first."""
+        return [_OUTCOMES[c] for c in self._outcomes]
+
+    def stats(self) -> RouteStats:
+        """Return what the kept runs say."""
+        codes = self._outcomes
+        if not codes:
+            return RouteStats()
+        ok = sorted(s for c, s in zip(codes, self._seconds, strict=True) if c == _OK)
+        failed = [c for c in codes if c != _OK]
+        rates = [r for r in self._rates if r == r] if self._rates is not None else []  # NaN: the run measured none
+        return RouteStats(
+            runs=len(codes),
+            failures=len(failed),
+            blocked=sum(_BLOCKED[c] for c in failed),
+            latency_seconds=p90(ok) if ok else None,
+            throughput_bytes_per_second=statistics.median(rates) if rates else None,
+            last_outcome=_OUTCOMES[codes[-1]],
+            last_duration_seconds=self.last_duration_seconds,
+            last_failure=_OUTCOMES[failed[-1]] if failed else None,
+        )
+
+
+def summarize(history: Sequence[ProbeResult] | History) -> RouteStats:
     """Return the statistics of the last WINDOW runs of `history` (oldest first)."""
-    runs = list(history)[-WINDOW:]
-    if not runs:
-        return RouteStats()
-    ok = sorted(request_seconds(r) for r in runs if r.success)
-    failed = [r for r in runs if not r.success]
-    rates = [r.throughput_bytes_per_second for r in runs if r.throughput_bytes_per_second is not None]
-    return RouteStats(
-        runs=len(runs),
-        failures=len(failed),
-        blocked=sum(r.blocked for r in failed),
-        latency_seconds=p90(ok) if ok else None,
-        throughput_bytes_per_second=statistics.median(rates) if rates else None,
-        last_outcome=runs[-1].outcome,
-        last_duration_seconds=runs[-1].duration_seconds,
-        last_failure=failed[-1].outcome if failed else None,
-    )
+    if not isinstance(history, History):
+        history = History(list(history)[-WINDOW:])
+    return history.stats()
 
 
 def request_seconds(result: ProbeResult) -> float:
@@ -123,11 +187,11 @@ def score(stats: RouteStats, timeout: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """One (target, route) to rank: its recent runs and the target's timeout."""
+    """One (target, route) to rank: its recent runs (whole results, or the store's History) and the target's timeout."""
 
     target: str
     route: str
-    history: Sequence[ProbeResult]
+    history: Sequence[ProbeResult] | History
     timeout: float
 
 

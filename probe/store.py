@@ -3,6 +3,12 @@
 Plain data only: the metrics collector rebuilds every series from here on each scrape,
 so nothing outlives the config it came from (retain() drops the rest). The rankings'
 hysteresis state (who holds rank 1) moves only when a result is recorded, never on a read.
+
+Sized for 10,000 pairs: per pair one PairState holds the latest full result, the ranking's
+History (outcome, request time and throughput of the last runs, not whole results), the run
+counters and the phase histograms as flat arrays. Rankings are kept between records: a
+target's ranking changes only when one of its pairs records (record() ranks it then anyway)
+or the config changes.
 """
 
 from __future__ import annotations
@@ -10,19 +16,26 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import time
-from collections import deque
+from array import array
 from collections.abc import Callable, Sequence
 
 from probe import ranking
 from probe.config import Config, Target
 from probe.models import DnsResult, Outcome, Phase, ProbeResult
-from probe.ranking import Candidate, Ranked
+from probe.ranking import Candidate, History, Ranked
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 
 Pair = tuple[str, str]
+
+OUTCOMES = tuple(Outcome)  # the order of PairState.runs
+PHASES = tuple(Phase)  # the order of PairState.counts and .sums
+SLOTS = len(LATENCY_BUCKETS) + 1  # counts per phase in PairState.counts: one per bound, then +Inf
+_CODE = {o: i for i, o in enumerate(OUTCOMES)}
+_INDEX = {p: i for i, p in enumerate(PHASES)}
+_NO_PHASES = array("d", bytes(8 * len(PHASES)))
 
 
 class Histogram:
@@ -55,6 +68,59 @@ class Histogram:
         return out
 
 
+class PairState:
+    """What the store keeps of one (target, route): ~2 KB besides its latest result.
+
+    Flat arrays, in the order /metrics writes them: `runs` per outcome (OUTCOMES order);
+    `counts` per phase (PHASES order) SLOTS cumulative bucket counts, the last (+Inf) being
+    the phase's observation count; `sums` per phase; `phases` the latest result's phase
+    times, 0.0 for a phase it did not complete.
+    """
+
+    __slots__ = ("counts", "history", "latest", "memo", "phases", "runs", "sums")
+
+    def __init__(self, first: ProbeResult) -> None:
+        self.latest = first
+        self.history = History()  # for the ranking
+        # Unsigned 32-bit counters (4 bytes, not 8: 10,000 pairs x 87 of them): 4.29e9 runs of one
+        # pair is 136 years at one probe a second.
+        self.runs = array("I", bytes(4 * len(OUTCOMES)))
+        self.counts = array("I", bytes(4 * SLOTS * len(PHASES)))
+        self.sums = array("d", bytes(8 * len(PHASES)))
+        self.phases = array("d", bytes(8 * len(PHASES)))
+        self.memo: bytes | None = None  # exposition's text of the float values; None when they changed
+        self.record(first)
+
+    def record(self, result: ProbeResult) -> None:
+        """Count `result` in and keep it as the latest."""
+        self.latest = result
+        self.memo = None
+        self.runs[_CODE[result.outcome]] += 1
+        counts, sums, latest = self.counts, self.sums, self.phases
+        latest[:] = _NO_PHASES
+        total = 0.0
+        for phase, seconds in result.phases.items():
+            i = _INDEX[phase]
+            base = i * SLOTS
+            for slot in range(base + bisect.bisect_left(LATENCY_BUCKETS, seconds), base + SLOTS):
+                counts[slot] += 1  # cumulative: every bucket whose bound is >= seconds, and +Inf
+            sums[i] += seconds
+            latest[i] = seconds
+            total += seconds  # as ranking.request_seconds() adds them
+        self.history.append(result, total)
+
+    def histogram(self, phase: Phase) -> Histogram | None:
+        """Return one phase's histogram; None before its first observation."""
+        i = _INDEX[phase]
+        cumulative = self.counts[i * SLOTS:(i + 1) * SLOTS]
+        if not cumulative[-1]:
+            return None
+        h = Histogram()
+        h.counts = [n - before for n, before in zip(cumulative, [0, *cumulative[:-1]], strict=True)]
+        h.sum = self.sums[i]
+        return h
+
+
 class ResultStore:
     """The monitor's state between probes and exporters; one per running service."""
 
@@ -62,13 +128,14 @@ class ResultStore:
         self.config = config
         self._pairs = _pairs(config)
         self._targets = frozenset(t.name for t in config.targets)
+        self._groups = _groups(config)
         self._clock = clock
-        self._history: dict[Pair, deque[ProbeResult]] = {}  # the last ranking.WINDOW runs, oldest first
+        self._state: dict[Pair, PairState] = {}  # pairs with a result since configured
+        self._ranked: dict[str, list[Ranked]] = {}  # target -> its ranking, as of its last record
+        self._group_ranked: dict[str, list[Ranked]] = {}  # group -> its ranking, as of its last record
         self._route_leaders: dict[str, str] = {}  # target -> the route holding rank 1
         self._group_leaders: dict[str, Pair] = {}  # group -> the (target, route) holding rank 1
         self._dns: dict[str, tuple[DnsResult, ...]] = {}
-        self._runs: dict[Pair, dict[Outcome, int]] = {}
-        self._phases: dict[Pair, dict[Phase, Histogram]] = {}
         self.lag = Histogram()
         self.reload_successful = True
         self.last_reload_success = clock()
@@ -81,12 +148,11 @@ class ResultStore:
         pair = (result.target, result.route)
         if pair not in self._pairs:
             return False
-        self._history.setdefault(pair, deque(maxlen=ranking.WINDOW)).append(result)
-        runs = self._runs.setdefault(pair, {})
-        runs[result.outcome] = runs.get(result.outcome, 0) + 1
-        hists = self._phases.setdefault(pair, {})
-        for phase, seconds in result.phases.items():
-            hists.setdefault(phase, Histogram()).observe(seconds)
+        state = self._state.get(pair)
+        if state is None:
+            self._state[pair] = PairState(result)
+        else:
+            state.record(result)
         self._update_leaders(self.config.target(result.target))
         return True
 
@@ -108,9 +174,13 @@ class ResultStore:
         self.config = config
         self._pairs = _pairs(config)
         self._targets = frozenset(t.name for t in config.targets)
-        for table in (self._history, self._runs, self._phases):
-            for pair in [p for p in table if p not in self._pairs]:
-                del table[pair]
+        self._groups = _groups(config)
+        for pair in [p for p in self._state if p not in self._pairs]:
+            del self._state[pair]
+        for state in self._state.values():
+            state.memo = None  # a timeout may have changed, and with it the score
+        self._ranked.clear()  # timeouts, routes and groups may have changed
+        self._group_ranked.clear()
         self._route_leaders = {t: r for t, r in self._route_leaders.items() if (t, r) in self._pairs}
         groups = {t.group for t in config.targets if t.group is not None}
         self._group_leaders = {
@@ -140,12 +210,17 @@ class ResultStore:
 
     def latest(self, target: str, route: str) -> ProbeResult | None:
         """Return the latest result of one pair, as recorded (without the DNS check)."""
-        history = self._history.get((target, route))
-        return history[-1] if history else None
+        state = self._state.get((target, route))
+        return None if state is None else state.latest
 
-    def history(self, target: str, route: str) -> tuple[ProbeResult, ...]:
-        """Return the recent results of one pair that the ranking uses, oldest first."""
-        return tuple(self._history.get((target, route), ()))
+    def state(self, target: str, route: str) -> PairState | None:
+        """Return everything kept of one pair (None before its first result); for exposition, read only."""
+        return self._state.get((target, route))
+
+    def history(self, target: str, route: str) -> History:
+        """Return what the ranking keeps of the recent runs of one pair (a copy)."""
+        state = self._state.get((target, route))
+        return History() if state is None else state.history.copy()
 
     def dns(self, target: str) -> tuple[DnsResult, ...]:
         """Return the latest DNS check of a target; () when none ran yet."""
@@ -153,11 +228,13 @@ class ResultStore:
 
     def runs(self, target: str, route: str) -> dict[Outcome, int]:
         """Return the run count per outcome of one pair (outcomes never seen are absent)."""
-        return dict(self._runs.get((target, route), {}))
+        state = self._state.get((target, route))
+        return {} if state is None else {o: n for o, n in zip(OUTCOMES, state.runs, strict=True) if n}
 
     def phase_histogram(self, target: str, route: str, phase: Phase) -> Histogram | None:
         """Return the histogram of one phase of one pair; None before its first observation."""
-        return self._phases.get((target, route), {}).get(phase)
+        state = self._state.get((target, route))
+        return None if state is None else state.histogram(phase)
 
     def results(self) -> list[ProbeResult]:
         """Return the latest results in config order, `dns` filled from the target's latest check."""
@@ -174,17 +251,34 @@ class ResultStore:
     def ranking(self, config: Config | None = None) -> dict[str, list[Ranked]]:
         """Return, per target in config order, its routes best first (rank 1 = the one to use)."""
         config = config or self.config
-        return {
-            t.name: ranking.rank(self._candidates([t]), self._route_leader(t.name)) for t in config.targets
-        }
+        if config is not self.config:
+            return {
+                t.name: ranking.rank(self._candidates([t]), self._route_leader(t.name)) for t in config.targets
+            }
+        out = {}
+        for t in config.targets:
+            ranked = self._ranked.get(t.name)
+            if ranked is None:
+                ranked = self._ranked[t.name] = ranking.rank(self._candidates([t]), self._route_leader(t.name))
+            out[t.name] = list(ranked)
+        return out
 
     def group_ranking(self, config: Config | None = None) -> dict[str, list[Ranked]]:
         """Return, per endpoint group, every (target, route) of its targets best first."""
         config = config or self.config
-        return {
-            group: ranking.rank(self._candidates(members), self._group_leaders.get(group))
-            for group, members in _groups(config).items()
-        }
+        if config is not self.config:
+            return {
+                group: ranking.rank(self._candidates(members), self._group_leaders.get(group))
+                for group, members in _groups(config).items()
+            }
+        out = {}
+        for group, members in self._groups.items():
+            ranked = self._group_ranked.get(group)
+            if ranked is None:
+                ranked = self._group_ranked[group] = ranking.rank(
+                    self._candidates(members), self._group_leaders.get(group))
+            out[group] = list(ranked)
+        return out
 
     def _route_leader(self, target: str) -> Pair | None:
         route = self._route_leaders.get(target)
@@ -192,26 +286,34 @@ class ResultStore:
 
     def _candidates(self, targets: Sequence[Target]) -> list[Candidate]:
         return [
-            Candidate(t.name, route, tuple(self._history.get((t.name, route), ())), t.timeout)
+            Candidate(t.name, route, state.history if (state := self._state.get((t.name, route))) else _NO_RUNS,
+                      t.timeout)
             for t in targets
             for route in t.routes
         ]
 
     def _update_leaders(self, target: Target) -> None:
-        leader = ranking.leader_of(ranking.rank(self._candidates([target]), self._route_leader(target.name)))
+        # Ranked again with the leader it picks, the order is the same (that leader is its rank 1,
+        # or nothing works), so this ranking is what readers get until the target records again.
+        ranked = ranking.rank(self._candidates([target]), self._route_leader(target.name))
+        self._ranked[target.name] = ranked
+        leader = ranking.leader_of(ranked)
         if leader is None:
             self._route_leaders.pop(target.name, None)
         else:
             self._route_leaders[target.name] = leader[1]
         if target.group is not None:
-            members = _groups(self.config)[target.group]
-            group_leader = ranking.leader_of(
-                ranking.rank(self._candidates(members), self._group_leaders.get(target.group))
-            )
+            members = self._groups[target.group]
+            group_ranked = ranking.rank(self._candidates(members), self._group_leaders.get(target.group))
+            self._group_ranked[target.group] = group_ranked
+            group_leader = ranking.leader_of(group_ranked)
             if group_leader is None:
                 self._group_leaders.pop(target.group, None)
             else:
                 self._group_leaders[target.group] = group_leader
+
+
+_NO_RUNS = History()
 
 
 def _groups(config: Config) -> dict[str, list[Target]]:

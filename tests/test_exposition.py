@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import random
 import time
 
 import pytest
@@ -9,9 +11,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from probe import exposition, metrics
-from probe.config import loads
+from probe import ranking as ranking_module
+from probe.config import Config, loads
 from probe.models import DnsResult, Outcome, Phase, ProbeResult, TlsInfo
-from probe.store import ResultStore
+from probe.ranking import Candidate
+from probe.store import Histogram, ResultStore
 
 CONFIG = """
 vantage: 'test "quoted" vantage'
@@ -76,17 +80,122 @@ def _types(text: bytes) -> dict[str, str]:
     return {f.name: f.type for f in text_string_to_metric_families(text.decode())}
 
 
-def test_direct_exposition_has_the_same_samples_as_prometheus_client() -> None:
-    store, cfg = _store()
-    fast = metrics.render(store, cfg)  # type: ignore[arg-type]
-    reference = generate_latest(metrics.build_registry(store, cfg))  # type: ignore[arg-type]
+def _assert_same_as_prometheus_client(store: ResultStore, cfg: Config) -> None:
+    fast = metrics.render(store, cfg)
+    reference = generate_latest(metrics.build_registry(store, cfg))
     ours, theirs = _samples(fast), _samples(reference)
     volatile = ("process_", "python_gc_")  # the process' own figures move between the two renders
     assert {k for k in ours if not k[0].startswith(volatile)} == {k for k in theirs if not k[0].startswith(volatile)}
     for key, v in theirs.items():
         if not key[0].startswith(volatile):
-            assert ours[key] == pytest.approx(v), key
+            assert ours[key] == v or (math.isnan(v) and math.isnan(ours[key])), key  # exact: the same float
     assert _types(fast) == _types(reference)
+
+
+def test_direct_exposition_has_the_same_samples_as_prometheus_client() -> None:
+    store, cfg = _store()
+    _assert_same_as_prometheus_client(store, cfg)  # type: ignore[arg-type]
+
+
+MANY = r"""
+vantage: 'm"a\ny'
+routes:
+  - {name: direct}
+  - {name: bound, source_address: 127.0.0.2}
+targets:
+"""
+
+
+def _many(n: int) -> str:
+    text = MANY
+    for i in range(n):
+        kind = ("url: https://198.51.100.1/\n    download: {url: https://198.51.100.1/x, min_bytes_per_second: 10}"
+                if i % 3 == 0 else "url: http://198.51.100.2/" if i % 3 == 1 else "address: 198.51.100.3:22")
+        text += f"  - name: t{i}\n    {kind}\n    routes: [direct, bound]\n"
+        text += "    group: g1\n" if i % 4 == 0 else ""
+    return text
+
+
+def _random_store(rng: random.Random, n: int = 24, rounds: int = 25) -> tuple[ResultStore, Config]:
+    cfg = loads(_many(n))
+    store = ResultStore(cfg)
+    specials = [math.inf, -math.inf, math.nan, 0.0, -0.0, 1e-300, 1e300, 12345678901.5]
+    for _ in range(rounds):
+        for t in cfg.targets:
+            for route in t.routes:
+                if rng.random() < 0.1:
+                    continue  # some pairs never run, or miss rounds
+                outcome = rng.choice(list(Outcome))
+                odd = rng.random() < 0.05
+                phases = {p: rng.choice([rng.uniform(0, 12), rng.expovariate(100), 0.0, 0.001, 10.0,
+                                         *(specials if odd else ())])
+                          for p in Phase if rng.random() < 0.8}
+                store.record(ProbeResult(
+                    t.name, route, outcome, 1.8e9 + rng.random(), rng.choice(specials) if odd else rng.random() * 5,
+                    phases=phases, http_status=rng.choice([None, 200, 451]),
+                    throughput_bytes_per_second=rng.choice([None, rng.random() * 1e6, *specials]),
+                    tls=rng.choice([None, TLS, TlsInfo('TLS "odd"\\', rng.choice([None, math.inf, 1.9e9]))])))
+    return store, cfg
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_direct_exposition_matches_prometheus_client_on_random_stores(seed: int) -> None:
+    store, cfg = _random_store(random.Random(seed))
+    _assert_same_as_prometheus_client(store, cfg)
+
+
+def test_chunking_does_not_change_the_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    store, cfg = _random_store(random.Random(4))
+    whole = b"".join(exposition.render_pairs(store, cfg))
+    monkeypatch.setattr(exposition, "CHUNK_LINES", 7)
+    chunks = list(exposition.render_pairs(store, cfg))
+    assert len(chunks) > 100 and b"".join(chunks) == whole
+    assert whole.count(b"# TYPE ") == len(exposition.FAMILIES)
+
+
+def test_kept_rankings_are_those_of_the_whole_recent_results_and_are_dropped_on_reload() -> None:
+    rng = random.Random(5)
+    store, cfg = _random_store(rng, n=12, rounds=0)
+    recorded: dict[tuple[str, str], list[ProbeResult]] = {}
+    leaders: dict[str, tuple[str, str] | None] = {}
+    for _ in range(60):
+        t = rng.choice(cfg.targets)
+        route = rng.choice(t.routes)
+        ok = rng.random() < 0.7
+        r = ProbeResult(t.name, route, Outcome.OK if ok else rng.choice(list(Outcome)), 1.8e9, rng.random(),
+                        phases={Phase.CONNECT: rng.random() / 10, Phase.TLS: rng.random() / 10},
+                        throughput_bytes_per_second=rng.choice([None, rng.random() * 1e6]))
+        store.record(r)
+        recorded.setdefault((t.name, route), []).append(r)
+        # The ranking afresh from the whole results kept by the test, with the leader it had.
+        whole = ranking_module.rank(
+            [Candidate(t.name, x, recorded.get((t.name, x), [])[-ranking_module.WINDOW:], t.timeout) for x in t.routes],
+            leaders.get(t.name))
+        leaders[t.name] = ranking_module.leader_of(whole)
+        assert store.ranking()[t.name] == whole
+    # Every target's kept ranking is what ranking afresh gives (another config object is never cached).
+    assert store.ranking() == store.ranking(loads(_many(12)))
+    assert store.group_ranking() == store.group_ranking(loads(_many(12)))
+    smaller = loads(MANY + "  - name: t1\n    url: http://198.51.100.2/\n    routes: [direct]\n    timeout: 2s\n")
+    store.reload_succeeded(smaller)
+    assert list(store.ranking()) == ["t1"] and [r.route for r in store.ranking()["t1"]] == ["direct"]
+    assert store.ranking() == store.ranking(loads(MANY + "  - name: t1\n    url: http://198.51.100.2/\n"
+                                                         "    routes: [direct]\n    timeout: 2s\n"))
+
+
+def test_phase_histograms_are_those_of_the_observations() -> None:
+    rng = random.Random(6)
+    store, cfg = _random_store(rng, n=3, rounds=0)
+    expected = {p: Histogram() for p in Phase}
+    for _ in range(200):
+        phases = {p: rng.choice([rng.expovariate(50), 0.001, 0.0025, 10.0, 11.0]) for p in Phase if rng.random() < 0.7}
+        store.record(ProbeResult("t0", "direct", Outcome.OK, 1.8e9, 0.1, phases=phases))
+        for p, v in phases.items():
+            expected[p].observe(v)
+    for p in Phase:
+        got = store.phase_histogram("t0", "direct", p)
+        assert got is not None and (got.counts, got.sum) == (expected[p].counts, expected[p].sum)
+    assert store.phase_histogram("t1", "direct", Phase.CONNECT) is None
 
 
 def test_every_pair_has_a_histogram_and_all_outcomes_even_before_its_first_run() -> None:
@@ -107,3 +216,32 @@ def test_values_are_written_as_the_text_format_reads_them(raw: float, written: s
 
 def test_label_values_are_escaped() -> None:
     assert exposition.label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+def test_values_written_again_after_a_result_is_recorded_and_on_reload() -> None:
+    store, cfg = _store()
+    assert isinstance(cfg, Config)
+    _assert_same_as_prometheus_client(store, cfg)  # keeps each pair's float values as text
+    first = metrics.render(store, cfg)
+    assert metrics.render(store, cfg).split(b"# HELP process_")[0] == first.split(b"# HELP process_")[0]
+    now = time.time()
+    # A new result of ssh/direct; web/bound, faster and now ok, moves web/direct's rank without a run of its own.
+    store.record(ProbeResult("ssh", "direct", Outcome.OK, now, 0.002, phases={Phase.CONNECT: 0.001}))
+    for _ in range(20):
+        store.record(ProbeResult("web", "bound", Outcome.OK, now, 0.01, phases={Phase.CONNECT: 0.001},
+                                 tls=TLS, http_status=200, throughput_bytes_per_second=1e9))
+    assert store.ranking()["web"][0].route == "bound"
+    _assert_same_as_prometheus_client(store, cfg)
+    # A reload: another vantage, a target gone, a timeout changed (the score of a timed-out route uses it).
+    new_text = CONFIG.replace('test "quoted" vantage', "vantage-2").replace(
+        "  - name: plain\n    url: http://198.51.100.7/\n", "").replace(
+        "address: 127.0.0.1:22\n", "address: 127.0.0.1:22\n    timeout: 2s\n")
+    new = loads(new_text)
+    store.reload_succeeded(new)
+    assert store.ranking() == store.ranking(loads(new_text))
+    bound = next(r for r in store.ranking()["ssh"] if r.route == "bound")
+    assert bound.score == pytest.approx(3000 + 2.0 * (1 + 4 * 1.0))  # blocked tier (timed out), the new 2 s timeout
+    _assert_same_as_prometheus_client(store, new)
+    text = metrics.render(store, new).decode()
+    assert 'target="plain"' not in text and 'vantage="vantage-2"' in text and "quoted" not in text
+    assert 'probe_route_score{vantage="vantage-2",target="ssh",route="bound"} 3010.0\n' in text

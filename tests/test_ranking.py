@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -270,3 +271,36 @@ def test_a_reload_without_the_recommended_route_ranks_afresh_and_keeps_the_other
     assert (only.route, only.rank, only.recommended, only.stats.runs) == ("b", 1, True, 5)
     store.reload_succeeded(loads(CONFIG))  # a comes back without history: unprobed, below the working b
     assert [(r.route, r.tier) for r in store.ranking()["t"]] == [("b", Tier.WORKING), ("a", Tier.UNPROBED)]
+
+
+def _reference_stats(results: Sequence[ProbeResult]) -> ranking.RouteStats:
+    """The statistics as summarize() computed them from whole results, before the compact History."""
+    runs = list(results)[-ranking.WINDOW:]
+    if not runs:
+        return ranking.RouteStats()
+    ok = sorted(sum(r.phases.values()) for r in runs if r.success)
+    failed = [r for r in runs if not r.success]
+    rates = [r.throughput_bytes_per_second for r in runs if r.throughput_bytes_per_second is not None]
+    return ranking.RouteStats(
+        runs=len(runs), failures=len(failed), blocked=sum(r.blocked for r in failed),
+        latency_seconds=ranking.p90(ok) if ok else None,
+        throughput_bytes_per_second=statistics.median(rates) if rates else None,
+        last_outcome=runs[-1].outcome, last_duration_seconds=runs[-1].duration_seconds,
+        last_failure=failed[-1].outcome if failed else None,
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_compact_history_says_what_the_whole_results_say(seed: int) -> None:
+    rng = random.Random(seed)
+    store = ResultStore(loads(CONFIG))
+    kept: list[ProbeResult] = []
+    for _ in range(3 * ranking.WINDOW):
+        outcome = Outcome.OK if rng.random() < 0.6 else rng.choice(list(Outcome))
+        phases = {p: rng.expovariate(20) for p in Phase if rng.random() < 0.7}
+        rate = rng.choice([None, None, rng.random() * 1e6])  # downloads start and stop
+        r = ProbeResult("t", "a", outcome, time.time(), rng.random(), phases, throughput_bytes_per_second=rate)
+        store.record(r)
+        kept.append(r)
+        assert ranking.summarize(store.history("t", "a")) == _reference_stats(kept)
+        assert ranking.summarize(kept) == _reference_stats(kept)
