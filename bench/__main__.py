@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import accuracy, lab, scenarios
+from bench import accuracy, floor, lab, scenarios
 from bench.procstat import load_average
 
 TARGETS = {
@@ -74,7 +74,10 @@ def run(plan: Plan, workdir: Path, skip_accuracy: bool, only: tuple[str, ...] = 
             }
             cpu[kind]["ratio"] = cpu[kind]["probe"]["cpu_seconds_per_1000"] / max(
                 cpu[kind]["blackbox"]["cpu_seconds_per_1000"], 1e-9)
-        if cpu:
+        if cpu:  # the same HTTPS requests with nothing of the project around them
+            cpu["https"]["floor"] = floor.run_beside(workdir, env.url("https"), pki.ca_file, plan.cpu_rate,
+                                                     plan.cpu_seconds)
+
             out["cpu"] = cpu
         if "rate" in only:
             out["rate"] = scenarios.max_rate(env, plan.rates, plan.rate_seconds, plan.rate_interval)
@@ -107,6 +110,10 @@ def table(r: dict[str, Any]) -> str:
             f"ratio <= {TARGETS['cpu_ratio']}" if kind == "https" else "",
             c["ratio"] <= TARGETS["cpu_ratio"] if kind == "https" else None)
         add(f"  ratio probe/blackbox ({kind}, {c['probe']['rate_wanted']}/s)", f"{c['ratio']:.2f}", "", "", None)
+        if "floor" in c:
+            ms = float(c["floor"]["cpu_ms_per_probe"])
+            add("  floor: bare TLS client, same requests (bench.floor)", f"{ms:.2f}", "",
+                f"ratio {ms / max(c['blackbox']['cpu_ms_per_probe'], 1e-9):.2f}", None)
     if r["rate"]:
         rate = r["rate"]["highest_sustained_rate"]
         every = all(step["sustained"] for step in r["rate"]["steps"])  # the plan's top rate passed: a lower bound

@@ -48,6 +48,13 @@ def test_both_tools_ran_every_probe_and_their_cpu_was_measured(figures: dict[str
         assert blackbox["driver_cpu_ms_per_probe"] > 0
 
 
+def test_the_floor_client_ran_the_same_https_requests(figures: dict[str, object]) -> None:
+    floor = figures["cpu"]["https"]["floor"]  # type: ignore[index]
+    assert floor["requests"] >= 0.9 * floor["rate_wanted"] * floor["seconds"], floor
+    assert floor["ok"] == floor["requests"], floor  # every request got its 200
+    assert 0 < floor["cpu_ms_per_probe"] < 1000
+
+
 def test_the_rate_steps_report_the_lag_measured_by_the_scheduler(figures: dict[str, object]) -> None:
     steps = figures["rate"]["steps"]  # type: ignore[index]
     assert steps and all(s["lag"]["starts"] > 0 for s in steps)
