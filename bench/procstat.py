@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -34,6 +35,7 @@ class CpuMeter:
     pids: dict[str, int]
 
     def start(self) -> None:
+        self.started = time.monotonic()
         self._t0 = os.times().elapsed
         self._c0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
 

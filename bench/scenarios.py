@@ -30,8 +30,12 @@ class Env:
 
 
 def _scrape(base: str) -> Scrape:
+    return Scrape(_fetch_metrics(base).decode())
+
+
+def _fetch_metrics(base: str) -> bytes:
     body, _ = lab.http_get(base + "/metrics", timeout=60)
-    return Scrape(body.decode())
+    return body
 
 
 def project_cpu(env: Env, kind: str, rate: int, seconds: float, interval: float = 1.0) -> dict[str, object]:
@@ -42,12 +46,16 @@ def project_cpu(env: Env, kind: str, rate: int, seconds: float, interval: float 
     with lab.project(env.workdir, str(cfg), f"{kind}-{rate}") as (proc, base):
         time.sleep(interval * 2 + 0.5)  # every job has run at least once: the steady state
         meter = CpuMeter({"project": proc.pid, "targets": env.targets.pid})
-        before = _scrape(base)
+        # The window runs from one scrape's arrival to the next's: parsing a scrape (~1 s for 1,200
+        # pairs) happens outside it, or it would count as time in which the project ran too few probes.
+        first = _fetch_metrics(base)
         meter.start()
         load = load_average()
-        time.sleep(seconds)
-        after = _scrape(base)
+        before = Scrape(first.decode())
+        time.sleep(max(0.0, seconds - (time.monotonic() - meter.started)))
+        last = _fetch_metrics(base)
         cpu = meter.stop()
+        after = Scrape(last.decode())
         rss = memory(proc.pid)
     probes = after.total_runs - before.total_runs
     ok = after.runs.get("ok", 0.0) - before.runs.get("ok", 0.0)
