@@ -161,9 +161,10 @@ async def serve(
     return 0
 
 
-# Every probe allocates some thousand short-lived objects (TLS, HTTP, asyncio): with CPython's
-# default first threshold (700) the collector ran several times per probe. The objects that live
-# long (config, scheduler jobs, the store) are counted once by freezing them after start-up.
+# Every probe allocates many short-lived objects (TLS, HTTP, asyncio): with CPython's default
+# first threshold (700 net allocations) the collector had 5.5% of py-spy's samples of `probe run`
+# at 300 HTTPS probes/s. The objects that live long (config, scheduler jobs, the store) are left
+# out of its passes by freezing them after start-up.
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
