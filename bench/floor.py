@@ -4,7 +4,7 @@
 
 Each request is what one of the project's HTTPS probes does on the wire (a fresh TCP connection,
 a verified TLS handshake, `GET /`, the response read to its end, an abort), through the project's
-own connection code (`probe.dial`) on uvloop, started on the same 50 ms grid as `probe run`'s
+own connection code (`probe.net.dial`) on uvloop, started on the same 50 ms grid as `probe run`'s
 scheduler, but with no scheduler, HTTP parser, classification, store or metrics. Its CPU per
 request is the least any Python probe on this interpreter and OpenSSL can spend; docs/benchmarks.md
 sets it beside the project's and blackbox_exporter's. Prints one JSON line.
@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from probe import dial
 from probe.config import Route
 from probe.loop import run
+from probe.net import dial
 from probe.scheduler import START_GRID_SECONDS
 from probe.trace import Trace
 

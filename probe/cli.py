@@ -11,8 +11,9 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from probe import __version__, config, ranking
+from probe import __version__, config
 from probe.context import ProbeContext
+from probe.exporter import api
 from probe.models import Outcome, ProbeResult
 from probe.output import Progress, ranking_table, results_table
 from probe.store import ResultStore
@@ -86,7 +87,7 @@ def _main(argv: Sequence[str] | None) -> int:
         stream=sys.stderr,
     )
     if args.command == "demo":
-        from probe.demo import main as demo_main
+        from probe.demo.app import main as demo_main
 
         return demo_main(args)
     path = args.config or default_config_path()
@@ -131,16 +132,11 @@ def _main(argv: Sequence[str] | None) -> int:
         routes = {t: ranked for t, ranked in routes.items() if t in names}
         groups = {g: ranked for g, ranked in groups.items() if any(r.target in names for r in ranked)}
     if args.command == "once" and args.json:
-        _print_json({
-            "vantage": cfg.vantage,
-            "results": [r.to_json() for r in results],
-            "routes": ranking.order(routes),
-            "groups": ranking.group_order(groups),
-        })
+        _print_json(api.results_document(cfg.vantage, results, routes, groups))
     elif args.command == "once":
         sys.stdout.write(results_table(results, color=_use_color(sys.stdout)))
     elif args.json:
-        _print_json({"vantage": cfg.vantage, **ranking.to_json(routes, groups)})
+        _print_json(api.routes_document(cfg.vantage, routes, groups))
     else:
         sys.stdout.write(ranking_table(routes, groups, color=_use_color(sys.stdout)))
     return EXIT_OK if all(r.outcome is Outcome.OK for r in results) else EXIT_NOT_OK

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
-from probe import dns, integrity
 from probe.config import Config, Route, Target
 from probe.context import ProbeContext
+from probe.dns import judge, verdicts
 from probe.models import Deadline, DnsResult, ProbeResult
 from probe.probers import PROBERS
 
@@ -23,7 +23,7 @@ async def check_dns(target: Target, ctx: ProbeContext) -> tuple[DnsResult, ...]:
     """Run the target's DNS check with a deadline of target.timeout."""
     if not target.needs_dns:
         return ()
-    return await dns.check_target(target, Deadline.after(target.timeout), ctx)
+    return await judge.check_target(target, Deadline.after(target.timeout), ctx)
 
 
 async def run_round(
@@ -54,6 +54,6 @@ async def run_round(
     results = await asyncio.gather(*(one(t, r) for t, r in pairs))
     checks = {name: await task for name, task in dns_tasks.items()}
     return [
-        integrity.with_dns_verdict(r, config.target(r.target), config.route(r.route), checks.get(r.target, ()), config)
+        verdicts.with_dns_verdict(r, config.target(r.target), config.route(r.route), checks.get(r.target, ()), config)
         for r in results
     ]

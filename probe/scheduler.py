@@ -24,7 +24,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from probe.config import Config, Route, Target
 from probe.context import ProbeContext
-from probe.integrity import with_dns_verdict
+from probe.dns.verdicts import with_dns_verdict
 from probe.models import Deadline, DnsResult, Outcome, ProbeResult
 from probe.store import ResultStore
 
@@ -77,7 +77,7 @@ async def _default_probe(target: Target, route: Route, ctx: ProbeContext) -> Pro
 
 
 async def _default_dns(target: Target, deadline: Deadline, ctx: ProbeContext) -> tuple[DnsResult, ...]:
-    from probe.dns import check_target
+    from probe.dns.judge import check_target
 
     return await check_target(target, deadline, ctx)
 

@@ -12,12 +12,12 @@ from typing import Any
 from aiohttp import web
 
 from probe import config as config_module
-from probe import webconfig
 from probe.config import Config, ConfigError, parse_hostport
 from probe.context import ProbeContext
+from probe.exporter import webconfig
+from probe.exporter.server import create_app
 from probe.models import ProbeResult
 from probe.scheduler import DEFAULT_CONCURRENCY, DnsFn, ProbeFn, Scheduler
-from probe.server import create_app
 from probe.store import ResultStore
 
 log = logging.getLogger("probe")

@@ -17,8 +17,8 @@ import pytest
 import trustme
 import yaml
 
-from probe import webconfig
 from probe.config import ConfigError
+from probe.exporter import webconfig
 from tests.procs import probe_run, wait_until
 
 PASSWORD = "correct horse battery"
@@ -218,8 +218,8 @@ async def test_concurrent_probe_requests_for_a_target_share_one_probe(tmp_path: 
     from aiohttp.test_utils import TestClient, TestServer
 
     from probe import config as config_module
+    from probe.exporter.server import create_app
     from probe.models import Outcome, ProbeResult
-    from probe.server import create_app
     from probe.service import Service
 
     calls: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -298,7 +299,7 @@ def test_shipped_targets_yml_is_valid() -> None:
         assert target.uses_tls, f"{target.name} is probed without TLS"
         assert target.resolvers == tuple(r.name for r in cfg.resolvers)
         if target.kind is config.TargetKind.HTTP:
-            assert target.expect.status, f"{target.name} states no expected status"
+            assert target.http is not None and target.http.expect.status, f"{target.name} states no expected status"
 
 
 def test_shipped_targets_yml_has_chinese_resolvers_and_encrypted_controls() -> None:
@@ -329,9 +330,10 @@ def test_contract_example_is_valid() -> None:
     sesame = cfg.target("sesame-hk")
     assert sesame.kind is config.TargetKind.HTTP
     assert (sesame.host, sesame.port) == ("hk.storage.example", 443)
-    assert sesame.expect.status == (200,) and sesame.expect.body_contains == ("pong",)
+    assert sesame.http is not None
+    assert sesame.http.expect.status == (200,) and sesame.http.expect.body_contains == ("pong",)
     assert sesame.routes == ("direct", "hk-socks") and sesame.resolvers == ("system", "cf-doh")
-    assert sesame.download == config.Download("https://hk.storage.example/probe/1MiB.bin", 200000.0)
+    assert sesame.http.download == config.Download("https://hk.storage.example/probe/1MiB.bin", 200000.0)
     assert cfg.target("ssh-gw").kind is config.TargetKind.TCP
     s3 = cfg.target("s3-tls")
     assert (s3.kind, s3.sni, s3.uses_tls) == (config.TargetKind.TLS, "s3.example", True)
@@ -371,13 +373,13 @@ targets:
     inherits, overrides, plain = cfg.targets
     assert (inherits.interval, inherits.timeout) == (300.0, 20.0)
     assert inherits.ca_file == str(tmp_path / "corp-ca.pem")
-    assert inherits.expect.status == (403,)
+    assert inherits.http is not None and inherits.http.expect.status == (403,)
     assert inherits.routes == ("direct", "hk")
     assert (overrides.interval, overrides.timeout) == (60.0, 5.0)
-    assert overrides.expect.status == (307,)
+    assert overrides.http is not None and overrides.http.expect.status == (307,)
     assert overrides.routes == ("hk",)
     assert overrides.ca_file == inherits.ca_file
-    assert plain.expect == config.Expect()  # HTTP-only defaults skip address targets
+    assert plain.http is None  # HTTP-only defaults skip address targets
     assert plain.routes == ("direct", "hk")
 
 
@@ -435,7 +437,7 @@ def test_probe_vantage_environment_overrides_the_file(tmp_path: Path, monkeypatc
 
 
 def test_vantage_defaults_to_the_short_host_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config.socket, "gethostname", lambda: "Probe-SH1.corp.example")
+    monkeypatch.setattr(socket, "gethostname", lambda: "Probe-SH1.corp.example")
     assert load_text(tmp_path, "targets:\n  - {name: a, address: 'x.example:443'}\n").vantage == "probe-sh1"
 
 

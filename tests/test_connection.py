@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from probe import dial
 from probe.config import Route
+from probe.net import dial
 from probe.trace import Trace
 from tests.servers import Pki, raw_server
 

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from probe.cli import build_parser
-from probe.demoborder import client_hello_sni
+from probe.demo.border import client_hello_sni
 from probe.models import Outcome
 from tests.proxies import free_port
 

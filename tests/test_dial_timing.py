@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from probe import dial
+from probe.net import dial
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO layout is Linux's")
 

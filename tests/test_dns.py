@@ -11,10 +11,11 @@ import dns.message
 import pytest
 import trustme
 
-from probe import dns as probe_dns
 from probe.classify import DnsFailure
 from probe.config import DIRECT_ROUTE, Config, Resolver, ResolverType, Target, TargetKind
 from probe.context import ProbeContext
+from probe.dns import judge
+from probe.dns import lookup as probe_dns
 from probe.models import Deadline, DnsResult, Outcome
 from tests.dnsserver import (
     Behaviour,
@@ -328,7 +329,7 @@ async def test_system_resolver_without_resolv_conf_is_a_local_error(make_context
 async def check(servers: Sequence[tuple[DnsServer, str, bool]], make_context: MakeContext) -> dict[str, DnsResult]:
     resolvers = [s.resolver(name, control=control) for s, name, control in servers]
     ctx = make_context(*resolvers)
-    results = await probe_dns.check_target(target(*(r.name for r in resolvers)), Deadline.after(3), ctx)
+    results = await judge.check_target(target(*(r.name for r in resolvers)), Deadline.after(3), ctx)
     assert [r.resolver for r in results] == [r.name for r in resolvers]
     return {r.resolver: r for r in results}
 
@@ -349,7 +350,7 @@ async def test_check_target_reports_each_resolver_with_evidence(make_context: Ma
         ctx = make_context(*resolvers)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        results = await probe_dns.check_target(target("c", "b", "a"), Deadline.after(1), ctx)
+        results = await judge.check_target(target("c", "b", "a"), Deadline.after(1), ctx)
         elapsed = loop.time() - started
     assert [r.resolver for r in results] == ["a", "b", "c"]  # config order
     assert [r.outcome for r in results] == [Outcome.OK, Outcome.DNS_NXDOMAIN, Outcome.DNS_TIMEOUT]
@@ -363,4 +364,4 @@ async def test_check_target_reports_each_resolver_with_evidence(make_context: Ma
 
 async def test_check_target_skips_ip_literal_targets(make_context: MakeContext) -> None:
     ctx = make_context(Resolver("system", ResolverType.SYSTEM))
-    assert await probe_dns.check_target(target("system", host="198.51.100.20"), Deadline.after(1), ctx) == ()
+    assert await judge.check_target(target("system", host="198.51.100.20"), Deadline.after(1), ctx) == ()

@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from probe import exposition, metrics
 from probe import ranking as ranking_module
 from probe.config import Config, loads
+from probe.exporter import exposition, metrics
 from probe.models import DnsResult, Outcome, Phase, ProbeResult, TlsInfo
 from probe.ranking import Candidate
 from probe.store import Histogram, ResultStore

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from probe import config
-from probe import dns as probe_dns
 from probe.classify import DnsFailure
 from probe.context import ProbeContext
+from probe.dns import lookup as probe_dns
 from probe.models import Deadline, Outcome
 from tests.dnsserver import DnsServer, Transport
 

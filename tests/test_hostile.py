@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from probe import config
-from probe import dns as probe_dns
 from probe.classify import DnsFailure
 from probe.context import ProbeContext
+from probe.dns import lookup as probe_dns
 from probe.models import Deadline, Outcome, ProbeResult
 from probe.runner import run_probe
 from tests import hostile_servers as hostile

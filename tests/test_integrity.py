@@ -23,9 +23,11 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from probe import dns_checks, integrity, metrics
 from probe.config import DIRECT_ROUTE, Config, Resolver, ResolverType, Route, Target, TargetKind
 from probe.context import ProbeContext
+from probe.dns import checks as dns_checks
+from probe.dns import judge as integrity
+from probe.exporter import metrics
 from probe.models import Deadline, DnsResult, Outcome
 from probe.runner import run_probe, run_round
 from probe.scheduler import Scheduler

@@ -23,10 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from probe import config
 from probe.context import ProbeContext
-from probe.metrics import render
+from probe.exporter.metrics import render
+from probe.exporter.api import routes_json
 from probe.models import Outcome, Phase, ProbeResult
 from probe.runner import run_probe
-from probe.server import routes_json
 from probe.store import ResultStore
 from tests.dnsserver import DnsServer, answer, nxdomain
 from tests.proxies import (

@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from probe import config as config_module
 from probe.config import Route, Target
 from probe.context import ProbeContext
+from probe.exporter.server import create_app
 from probe.models import Deadline, DnsResult, Outcome, Phase, ProbeResult
-from probe.server import create_app
 from probe.service import Service
 
 CONFIG = """

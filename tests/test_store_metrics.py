@@ -9,8 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from probe import metrics
 from probe.config import Config, loads
+from probe.exporter import metrics
 from probe.models import DnsResult, Outcome, Phase, ProbeResult, TlsInfo
 from probe.store import LATENCY_BUCKETS, ResultStore
 

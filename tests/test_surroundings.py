@@ -21,10 +21,10 @@ import pytest
 
 from probe import config
 from probe.context import ProbeContext
+from probe.exporter.server import create_app
 from probe.models import Outcome, ProbeResult
 from probe.runner import run_probe
 from probe.scheduler import Scheduler
-from probe.server import create_app
 from probe.service import Service
 from probe.store import ResultStore
 from tests.dnsserver import DnsServer, silent

@@ -8,10 +8,12 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 
-from probe import dns, integrity
 from probe.classify import DnsFailure, Stage, classify, describe
 from probe.config import Route, Target, is_ip
-from probe.context import UNUSABLE_ANSWERS, ProbeContext
+from probe.context import ProbeContext
+from probe.dns import lookup as dns
+from probe.dns import verdicts
+from probe.dns.verdicts import UNUSABLE_ANSWERS
 from probe.models import Deadline, Outcome, Phase, ProbeResult
 from probe.trace import PhaseTimes, Trace
 
@@ -119,10 +121,10 @@ async def resolve(host: str, route: Route, deadline: Deadline, ctx: ProbeContext
 
 def _refuse_judged_answers(host: str, resolver: str, answers: tuple[str, ...], ctx: ProbeContext, trace: Trace) -> None:
     """Fail the resolve stage when the latest DNS check found these answers forged or unusable."""
-    verdict = ctx.dns_verdict(host, resolver)
+    verdict = ctx.verdicts.get(host, resolver)
     if verdict is None or verdict.result.outcome not in UNUSABLE_ANSWERS:
         return
-    if not integrity.untrusted(answers, verdict.result, verdict.trusted):
+    if not verdicts.untrusted(answers, verdict.result, verdict.trusted):
         return
     for line in verdict.result.evidence:
         trace.note(line)

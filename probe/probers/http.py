@@ -13,11 +13,13 @@ from urllib.parse import urljoin, urlsplit
 
 import h11
 
-from probe import __version__, dial
+from probe import __version__
 from probe.classify import Stage, Throttled, Unexpected
-from probe.config import Route, Target
+from probe.config import Expect, HttpCheck, Route, Target
 from probe.context import ProbeContext
 from probe.models import Deadline, Phase, ProbeResult
+from probe.net import dial
+from probe.net.tls import start_tls
 from probe.probers.common import resolve, run_traced
 from probe.trace import Trace
 
@@ -43,12 +45,12 @@ async def probe(target: Target, route: Route, deadline: Deadline, ctx: ProbeCont
 
 
 async def _body(target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> None:
-    assert target.url is not None
-    url, seen = target.url, [target.url]
+    check = _http(target)
+    url, seen = check.url, [check.url]
     while True:
-        resp = await _fetch(url, target, route, deadline, ctx, trace, phases=True, limit=target.max_body_bytes)
+        resp = await _fetch(url, target, route, deadline, ctx, trace, phases=True, limit=check.max_body_bytes)
         location = dict(resp.headers).get("location")
-        if not (target.follow_redirects and resp.status in _REDIRECTS and location):
+        if not (check.follow_redirects and resp.status in _REDIRECTS and location):
             break
         url = urljoin(url, location)
         if url in seen:
@@ -58,8 +60,8 @@ async def _body(target: Target, route: Route, deadline: Deadline, ctx: ProbeCont
         seen.append(url)
         trace.note(f"redirected ({resp.status}) to {url}")
     trace.http_status = resp.status
-    _check_expectations(target, resp, trace)
-    if target.download is not None:
+    _check_expectations(check.expect, resp)
+    if check.download is not None:
         await _download(target, route, deadline, ctx, trace)
 
 
@@ -81,11 +83,12 @@ async def _fetch(
     try:
         if https:
             server_name = target.server_name if host == target.host and target.server_name else host
-            await dial.start_tls(conn, ctx.tls.verifying(target.ca_file), server_name, trace)
+            await start_tls(conn, ctx.tls.verifying(target.ca_file), server_name, trace)
         http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
         trace.http_host = host_header
-        method = target.method if phases else "GET"
-        request = _request(method, path, host_header, target.headers)
+        check = _http(target)
+        method = check.method if phases else "GET"
+        request = _request(method, path, host_header, check.headers)
         begin = trace.now()
         trace.enter(Stage.REQUEST)
         head_bytes = http.send(request) or b""
@@ -113,6 +116,12 @@ async def _fetch(
         )
     finally:
         dial.close(conn)
+
+
+def _http(target: Target) -> HttpCheck:
+    if target.http is None:  # the registry sends only url targets here
+        raise TypeError(f"target {target.name} has no HTTP settings")
+    return target.http
 
 
 @functools.lru_cache(maxsize=16384)
@@ -168,8 +177,7 @@ async def _read_body(
             return b"".join(chunks), False
 
 
-def _check_expectations(target: Target, resp: _Response, trace: Trace) -> None:
-    expect = target.expect
+def _check_expectations(expect: Expect, resp: _Response) -> None:
     if not expect.status_ok(resp.status):
         wanted = ", ".join(map(str, expect.status)) if expect.status else "2xx"
         raise Unexpected(f"status {resp.status}, expected {wanted}{_snippet(resp.body)}")
@@ -196,8 +204,8 @@ def _snippet(body: bytes, size: int = 120) -> str:
 
 async def _download(target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> None:
     """Fetch `download.url` over the same route; its rate is body bytes over body time."""
-    assert target.download is not None
-    dl = target.download
+    dl = _http(target).download
+    assert dl is not None
     saved_phases, saved_tls = dict(trace.phases), trace.tls  # the phases describe the main request
     try:
         async with asyncio.timeout_at(deadline.at - target.timeout * DOWNLOAD_MARGIN):

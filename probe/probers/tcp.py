@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from probe import dial
 from probe.classify import Stage
 from probe.config import Route, Target
 from probe.context import ProbeContext
 from probe.models import Deadline, ProbeResult
+from probe.net import dial
 from probe.probers.common import resolve, run_traced
 from probe.trace import Trace
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from probe import dial
 from probe.config import Route, Target
 from probe.context import ProbeContext
 from probe.models import Deadline, ProbeResult
+from probe.net import dial
+from probe.net.tls import start_tls
 from probe.probers.common import resolve, run_traced
 from probe.trace import Trace
 
@@ -19,7 +20,7 @@ async def _body(target: Target, route: Route, deadline: Deadline, ctx: ProbeCont
     address = await resolve(target.host, route, deadline, ctx, trace)
     conn = await dial.connect(address, target.port, route, trace)
     try:
-        await dial.start_tls(conn, ctx.tls.verifying(target.ca_file), target.sni, trace)
+        await start_tls(conn, ctx.tls.verifying(target.ca_file), target.sni, trace)
         conn.flush()  # the handshake's last flight: nothing else will carry it
     finally:
         dial.close(conn)

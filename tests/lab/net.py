@@ -1,6 +1,6 @@
 """The lab network: a vantage inside the border, a border router that interferes, hosts abroad.
 
-    plvantage 192.0.2.10 --plv0/plbv-- plborder --plba/pla0-- plabroad 198.51.100.x, 203.0.113.x
+    plv-RUN 192.0.2.10 --plv0/plbv-- plb-RUN --plba/pla0-- pla-RUN 198.51.100.x, 203.0.113.x  (RUN: the run's pid)
       (probe runs here)               (iptables, NFQUEUE,        (storage endpoints, resolver,
                                         tc: the interference)      DoH control, proxies)
 
@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,8 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-VANTAGE, BORDER, ABROAD = "plvantage", "plborder", "plabroad"
+# Names unique per run (the pid of the process that first imported this module; its children
+# inherit it through the environment), so two runs on one machine never share a namespace.
+RUN_ID = os.environ.setdefault("PROBE_LAB_RUN", str(os.getpid()))
+VANTAGE, BORDER, ABROAD = f"plv-{RUN_ID}", f"plb-{RUN_ID}", f"pla-{RUN_ID}"
 NAMESPACES = (VANTAGE, BORDER, ABROAD)
+_LAB_NAME = re.compile(r"^pl[vba]-(\d+)$")
 VANTAGE_IP, BORDER_INSIDE, BORDER_OUTSIDE = "192.0.2.10", "192.0.2.1", ("198.51.100.1", "203.0.113.1")
 ROOT = Path(__file__).resolve().parents[2]
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec NS` bind-mounts /etc/netns/NS/* over /etc/*
@@ -83,20 +88,31 @@ def missing_prerequisites() -> str | None:
 
 
 def cleanup_leftovers() -> None:
-    """Remove the lab's namespaces (and the processes in them) and /etc/netns entries, if any are left.
+    """Remove this run's namespaces, and those of earlier runs whose process is gone (and /etc/netns entries).
 
     Only the lab's own names, not everything with the prefix: other labs on this machine
-    may use names that happen to start the same way. The veth pairs are created inside the
-    namespaces, so they go with them.
+    may use names that happen to start the same way, and a run that is still alive keeps
+    its own. The veth pairs are created inside the namespaces, so they go with them.
     """
     existing = {line.split()[0] for line in sh("ip", "netns", "list", check=False).splitlines() if line.split()}
-    for name in NAMESPACES:
+    stale = {n for n in existing if (m := _LAB_NAME.match(n)) and not _alive(int(m.group(1)))}
+    for name in (*NAMESPACES, *sorted(stale)):
         if name in existing:
             for pid in sh("ip", "netns", "pids", name, check=False).split():
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
             sh("ip", "netns", "delete", name, check=False)
         shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass

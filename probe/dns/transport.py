@@ -28,7 +28,7 @@ import dns.rdatatype
 
 from probe.classify import describe
 from probe.config import Resolver, ResolverType
-from probe.context import ProbeContext
+from probe.dns.context import DnsContext
 from probe.models import Deadline, Outcome
 
 MAX_DOH_BYTES = 64 * 1024
@@ -135,7 +135,7 @@ async def exchange(
     server: Server,
     query: dns.message.QueryMessage,
     deadline: Deadline,
-    ctx: ProbeContext,
+    ctx: DnsContext,
     source: str | None,
     window: float = 0.0,
 ) -> Exchange:
@@ -318,7 +318,7 @@ async def _collect(
 
 
 async def _send_stream(
-    server: Server, query: dns.message.QueryMessage, timeout: float, ctx: ProbeContext, source: str | None
+    server: Server, query: dns.message.QueryMessage, timeout: float, ctx: DnsContext, source: str | None
 ) -> dns.message.Message:
     match server.type:
         case ResolverType.TCP:
@@ -335,7 +335,7 @@ async def _send_stream(
 
 
 async def _doh(
-    server: Server, query: dns.message.QueryMessage, ctx: ProbeContext, source: str | None
+    server: Server, query: dns.message.QueryMessage, ctx: DnsContext, source: str | None
 ) -> dns.message.Message:
     """POST `query` as RFC 8484 wire format from `source`; the caller's deadline bounds it."""
     query.id = 0  # RFC 8484 4.1: lets HTTP caches share answers

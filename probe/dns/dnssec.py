@@ -19,8 +19,8 @@ import dns.rdatatype
 import dns.rrset
 
 from probe.config import Resolver
-from probe.context import ProbeContext
-from probe.dns import LookupFailure, ask
+from probe.dns.context import DnsContext
+from probe.dns.lookup import LookupFailure, ask
 from probe.models import Deadline
 
 MAX_CHAIN = 12  # zones between an answer and its trust anchor; deeper is treated as bogus
@@ -45,7 +45,7 @@ class Validator:
 
     resolver: Resolver
     deadline: Deadline
-    ctx: ProbeContext
+    ctx: DnsContext
     _keys: dict[dns.name.Name, dns.rrset.RRset] = field(default_factory=dict)
 
     async def validate(self, message: dns.message.Message) -> str:

@@ -1,4 +1,4 @@
-"""Open a timed TCP connection over a route, and the TLS handshake on top of it."""
+"""Open a timed TCP connection over a route (directly, from a source address, or through a proxy)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,14 @@ import os
 import socket
 import ssl
 import struct
-from typing import Any
 
-from python_socks import ProxyConnectionError, ProxyError, ProxyType
-from python_socks.async_.asyncio import Proxy as AsyncProxy
-
-from probe.classify import ProbeFailure, Stage, classify
-from probe.config import Proxy, Route
-from probe.models import Outcome, Phase, TlsInfo
+from probe.classify import Stage
+from probe.config import Route
+from probe.models import Phase
+from probe.net.proxy import proxy_connect
 from probe.trace import Trace
 
 STREAM_LIMIT = 64 * 1024
-_TLS_VERSIONS = {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2", "TLSv1.3": "TLS 1.3"}
 
 
 async def connect(host: str, port: int, route: Route, trace: Trace) -> Connection:
@@ -241,7 +237,7 @@ async def open_socket(host: str, port: int, route: Route, trace: Trace) -> socke
     with trace.phase(Phase.CONNECT, Stage.CONNECT):
         if route.proxy is not None:
             trace.peer += f" via {route.proxy.redacted()}"
-            sock = await _proxy_connect(host, port, route.proxy, route.source_address, trace)
+            sock = await proxy_connect(host, port, route.proxy, route.source_address, trace)
         else:
             sock = await _direct_connect(host, port, route.source_address)
             handshake = kernel_handshake_seconds(sock)
@@ -313,133 +309,6 @@ def kernel_handshake_seconds(sock: socket.socket) -> float | None:
     if retransmitted or rtt_us == 0:
         return None  # Karn: a retransmitted SYN gives no clean sample; the loop's clock stands
     return rtt_us / 1e6
-
-
-class ProxyFailure(ProbeFailure):
-    """The proxy was unreachable, refused the credentials, or would not carry the probe to the target."""
-
-    def __init__(self, message: str, outcome: Outcome, reason: str | None = None) -> None:
-        super().__init__(message, outcome)
-        self.reason = reason or message  # the probe's evidence line ends with this
-
-
-# What a proxy's refusal means (python-socks puts the SOCKS5 reply code or the HTTP status in
-# error_code). Anything not listed is tcp_refused: the proxy could not, or would not, reach the target.
-_SOCKS_REPLIES = {6: Outcome.TCP_TIMEOUT, 7: Outcome.ERROR, 8: Outcome.ERROR}  # TTL expired; unsupported
-_HTTP_STATUSES = {504: Outcome.TCP_TIMEOUT}  # the proxy's own connection timed out
-_HTTP_AUTH_STATUSES = {401, 407}
-
-
-async def _proxy_connect(host: str, port: int, p: Proxy, source_address: str | None, trace: Trace) -> socket.socket:
-    proxy = AsyncProxy(
-        proxy_type=ProxyType.HTTP if p.scheme == "http" else ProxyType.SOCKS5,
-        host=p.host,
-        port=p.port,
-        username=p.username,
-        password=p.password,
-        rdns=True,  # the proxy resolves names: local poisoning cannot touch them
-    )
-    try:
-        # The probe's deadline bounds this; python-socks wants its own timeout too.
-        local = (source_address, 0) if source_address is not None else None
-        sock: socket.socket = await proxy.connect(host, port, timeout=3600, local_addr=local)
-    except ProxyConnectionError as e:
-        trace.peer = f"proxy {p.redacted()}"
-        raise _unreachable(p, e, source_address) from e
-    except ProxyError as e:
-        raise _refused(p, e, trace) from e
-    except (ConnectionError, EOFError) as e:
-        trace.peer = f"proxy {p.redacted()}"
-        raise ProxyFailure(f"proxy {p.redacted()} reset the connection during its handshake", Outcome.TCP_RESET) from e
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def _unreachable(p: Proxy, e: ProxyConnectionError, source_address: str | None) -> ProxyFailure:
-    text = os.strerror(e.errno) if e.errno else str(e)
-    outcome = classify(Stage.CONNECT, OSError(e.errno, text))  # the errno table of a direct connect
-    if outcome is Outcome.ERROR and source_address is not None:  # a local fault, e.g. an address not ours
-        return ProxyFailure(f"cannot connect to proxy {p.redacted()} from {source_address}: {text}", outcome)
-    reason = f"{text}; the proxy itself is unreachable"
-    return ProxyFailure(f"proxy {p.redacted()} is unreachable: {text}", outcome, reason)
-
-
-def _refused(p: Proxy, e: ProxyError, trace: Trace) -> ProxyFailure:
-    answer, code = str(e), e.error_code
-    # python-socks reports SOCKS5 authentication failures by message only, without a code.
-    auth_failed = code in _HTTP_AUTH_STATUSES if p.scheme == "http" else "authentication" in answer.lower()
-    if auth_failed:
-        what = "rejected the credentials" if p.username is not None else "requires credentials"
-        return ProxyFailure(f"proxy {p.redacted()} {what}: {answer}", Outcome.ERROR)
-    if code is None:  # it hung up or answered something that is not the protocol
-        trace.peer = f"proxy {p.redacted()}"
-        trace.note(f"proxy {p.redacted()} broke off its handshake: {answer}")
-        return ProxyFailure(f"proxy {p.redacted()} broke off its handshake: {answer}", Outcome.TCP_RESET)
-    if p.scheme == "http":
-        outcome, detail = _HTTP_STATUSES.get(code, Outcome.TCP_REFUSED), f"the proxy answered {answer!r}"
-    else:
-        outcome = _SOCKS_REPLIES.get(code, Outcome.TCP_REFUSED)
-        detail = f"the proxy answered {answer!r} (SOCKS5 reply {code})"
-    return ProxyFailure(f"proxy {p.redacted()} did not connect to the target: {detail}", outcome, detail)
-
-
-async def start_tls(conn: Connection, context: ssl.SSLContext, server_name: str, trace: Trace) -> TlsInfo:
-    """Run the TLS handshake with SNI `server_name`, timing the `tls` phase."""
-    trace.sni = server_name
-    with trace.phase(Phase.TLS, Stage.TLS):
-        await conn.start_tls(context, server_name)
-    info = tls_info(conn.ssl_object)
-    trace.tls = info
-    return info
-
-
-def tls_info(ssl_object: Any) -> TlsInfo:
-    """Return version, cipher and the earliest expiry over the verified chain."""
-    version = ssl_object.version() or ""
-    cipher = ssl_object.cipher()
-    chain = _verified_chain(ssl_object)
-    # Decoding certificates to dicts and parsing their dates costs more than the rest of the
-    # probe's Python: the facts of a chain are a function of its bytes, so they are kept per chain.
-    ders = tuple(c.public_bytes(_DER) for c in chain) if chain else (ssl_object.getpeercert(binary_form=True),)
-    key = (version, cipher[0] if cipher else None, ders)
-    info = _TLS_FACTS.get(key)
-    if info is None:
-        if len(_TLS_FACTS) >= _TLS_FACTS_MAX:
-            _TLS_FACTS.clear()
-        info = TlsInfo(
-            version=_TLS_VERSIONS.get(version, version),
-            earliest_cert_expiry=_earliest_expiry(ssl_object, chain),
-            cipher=cipher[0] if cipher else None,
-        )
-        _TLS_FACTS[key] = info
-    return info
-
-
-_DER = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]  # what Certificate.public_bytes takes
-_TLS_FACTS: dict[tuple[object, ...], TlsInfo] = {}
-_TLS_FACTS_MAX = 4096
-
-
-def _verified_chain(ssl_object: Any) -> list[Any]:
-    # get_verified_chain is public from Python 3.13; 3.11 and 3.12 have it on the private object.
-    chain_getter = getattr(ssl_object, "get_verified_chain", None) or getattr(
-        getattr(ssl_object, "_sslobj", None), "get_verified_chain", None
-    )
-    return list(chain_getter() or ()) if chain_getter is not None else []
-
-
-def _earliest_expiry(ssl_object: Any, chain: list[Any]) -> float | None:
-    expiries: list[float] = []
-    for cert in chain:
-        info = cert.get_info() if hasattr(cert, "get_info") else None
-        if info and info.get("notAfter"):
-            expiries.append(float(ssl.cert_time_to_seconds(info["notAfter"])))
-    if not expiries:
-        peer = ssl_object.getpeercert()
-        if peer and peer.get("notAfter"):
-            expiries.append(float(ssl.cert_time_to_seconds(peer["notAfter"])))
-    return min(expiries) if expiries else None
 
 
 def close(conn: Connection) -> None:

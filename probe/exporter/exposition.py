@@ -100,7 +100,7 @@ def _rows(config: Config) -> list[_Row]:
     vantage = label_value(config.vantage)
     rows = [
         _Row(f'vantage="{vantage}",target="{label_value(t.name)}",route="{label_value(route)}"'.encode(),
-             (t.name, route), t.kind is TargetKind.HTTP, t.download is not None)
+             (t.name, route), t.kind is TargetKind.HTTP, t.http is not None and t.http.download is not None)
         for t in config.targets
         for route in t.routes
     ]

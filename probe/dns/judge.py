@@ -10,25 +10,21 @@ against the control (and resolvers that rewrite NXDOMAIN), and DNSSEC validation
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import dns.rdatatype
 
-from probe import dns as probe_dns
-from probe import dns_checks
-from probe.config import Config, Resolver, ResolverType, Route, Target
-from probe.context import UNUSABLE_ANSWERS, ProbeContext
-from probe.dns import Lookup, LookupFailure
-from probe.dns_checks import Canary, described, listed
-from probe.dns_transport import Reply
-from probe.dnssec_check import Bogus, Unsigned, Unverifiable, Validator
-from probe.models import Deadline, DnsResult, Outcome, ProbeResult
+from probe.config import Resolver, ResolverType, Target
+from probe.dns import checks as dns_checks
+from probe.dns import lookup as probe_dns
+from probe.dns.checks import Canary, described, listed
+from probe.dns.context import DnsContext
+from probe.dns.dnssec import Bogus, Unsigned, Unverifiable, Validator
+from probe.dns.lookup import Lookup, LookupFailure
+from probe.dns.transport import Reply
+from probe.dns.verdicts import trusted_answers
+from probe.models import Deadline, DnsResult, Outcome
 
-# A probe with one of these outcomes failed before (or outside) the connection stages.
-_FAILED_HERE = frozenset({Outcome.DNS_INJECTION, Outcome.DNS_MISMATCH, Outcome.DNS_NXDOMAIN, Outcome.DNS_SERVFAIL,
-                          Outcome.DNS_TIMEOUT, Outcome.ERROR})
 # Resolvers whose queries travel in clear text: what an on-path injector can answer.
 PLAIN = frozenset({ResolverType.UDP, ResolverType.TCP, ResolverType.SYSTEM})
 # The worse verdict wins: forged answers, then unusable ones, then failures.
@@ -36,7 +32,7 @@ _RANK = (Outcome.DNS_INJECTION, Outcome.DNS_MISMATCH, Outcome.DNS_NXDOMAIN, Outc
          Outcome.DNS_TIMEOUT, Outcome.ERROR, Outcome.OK)
 
 
-async def check_target(target: Target, deadline: Deadline, ctx: ProbeContext) -> tuple[DnsResult, ...]:
+async def check_target(target: Target, deadline: Deadline, ctx: DnsContext) -> tuple[DnsResult, ...]:
     """Judge `target`'s answers through every resolver of the target; one DnsResult per resolver, in config order."""
     if not target.needs_dns:
         return ()
@@ -63,44 +59,8 @@ async def check_target(target: Target, deadline: Deadline, ctx: ProbeContext) ->
         judge.close()
     by_name = {d.resolver: d for d in (*first, *rest)}
     results = tuple(by_name[r.name] for r in resolvers)
-    ctx.remember_dns(target.host, results, 2 * target.interval + target.timeout, trusted_answers(results, config))
+    ctx.verdicts.remember(target.host, results, 2 * target.interval + target.timeout, trusted_answers(results, config))
     return results
-
-
-def with_dns_verdict(result: ProbeResult, target: Target, route: Route, checks: Sequence[DnsResult],
-                     config: Config) -> ProbeResult:
-    """Return `result` with `dns` set, and with the DNS verdict as its outcome when DNS is where it failed.
-
-    That is when the route connects to the answers of a resolver (its own, or `system`) that the
-    check found forged or unusable, and the probe connected to an address the controls do not give.
-    """
-    result = dataclasses.replace(result, dns=tuple(checks))
-    if not target.needs_dns or route.proxy is not None and route.proxy.scheme != "socks5":
-        return result  # an IP literal, or a proxy that resolves the name itself: no local answer used
-    verdict = next((d for d in checks if d.resolver == config.route_resolver(route).name), None)
-    if verdict is None or verdict.outcome not in UNUSABLE_ANSWERS or result.address is None:
-        return result
-    if result.outcome in _FAILED_HERE or not untrusted((result.address,), verdict, trusted_answers(checks, config)):
-        return result
-    then = (f"{verdict.resolver} answered {result.address} for {target.host}, which the DNS check of this round "
-            f"judged {verdict.outcome}; connecting to it gave {result.outcome}")
-    return dataclasses.replace(
-        result, outcome=verdict.outcome, evidence=(*verdict.evidence, *result.evidence, then),
-        error=result.error or verdict.error,
-    )
-
-
-def trusted_answers(checks: Sequence[DnsResult], config: Config) -> frozenset[str]:
-    """Return every address the control resolvers answered in `checks`."""
-    controls = {r.name for r in config.resolvers if r.control}
-    return frozenset(a for d in checks if d.resolver in controls and d.outcome is Outcome.OK for a in d.answers)
-
-
-def untrusted(answers: Sequence[str], verdict: DnsResult, trusted: frozenset[str]) -> bool:
-    """Return whether `answers` are tainted by `verdict`: none from the controls (or, without them, a flagged one)."""
-    if trusted:
-        return not set(answers) & trusted
-    return bool(set(answers) & set(verdict.answers))
 
 
 # ---- gathering ---------------------------------------------------------------------------
@@ -119,7 +79,7 @@ class _Seen:
         return self.found.received if self.found else self.failure.received if self.failure else ()
 
 
-async def _look(resolver: Resolver, target: Target, deadline: Deadline, ctx: ProbeContext) -> _Seen:
+async def _look(resolver: Resolver, target: Target, deadline: Deadline, ctx: DnsContext) -> _Seen:
     label = probe_dns.server_label(resolver, ctx)
     started = asyncio.get_running_loop().time()
     try:
@@ -150,7 +110,7 @@ class _Verdict:
 
 
 class _Judge:
-    def __init__(self, target: Target, ctx: ProbeContext, deadline: Deadline, seen: list[_Seen],
+    def __init__(self, target: Target, ctx: DnsContext, deadline: Deadline, seen: list[_Seen],
                  canaries: tuple[Canary, ...]) -> None:
         self.target, self.ctx, self.deadline = target, ctx, deadline
         self.controls = [s for s in seen if s.resolver.control]

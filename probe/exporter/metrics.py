@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 
 from probe.config import Config, Target, TargetKind
-from probe.exposition import render_pairs
+from probe.exporter.exposition import render_pairs
 from probe.models import Outcome, Phase
 from probe.store import Histogram, ResultStore
 
@@ -168,7 +168,8 @@ def _pair_families(store: ResultStore, config: Config, targets: list[Target]) ->
                 tls_version.add_metric([*labels, result.tls.version], 1)
                 if result.tls.earliest_cert_expiry is not None:
                     expiry.add_metric(labels, result.tls.earliest_cert_expiry)
-            if target.download is not None and result.throughput_bytes_per_second is not None:
+            downloads = target.http is not None and target.http.download is not None
+            if downloads and result.throughput_bytes_per_second is not None:
                 throughput.add_metric(labels, result.throughput_bytes_per_second)
     return [
         success, duration, http_phases, status, expiry, tls_version, outcome, blocked, throughput,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from probe import config as config_module
-from probe.demoborder import (
+from probe.demo.border import (
     DATA_DIR,
     HOST,
     Action,
@@ -31,7 +31,7 @@ from probe.demoborder import (
     server_tls,
     storage_app,
 )
-from probe.demodns import DnsAnswer, DnsServer, resolver
+from probe.demo.dns import DnsAnswer, DnsServer, resolver
 from probe.service import serve
 
 FORGED = "127.0.0.2"  # where forged answers point: nothing of the demo listens there

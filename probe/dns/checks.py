@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import dns.rdatatype
 
-from probe import dns as probe_dns
 from probe.classify import describe
 from probe.config import Resolver, Target
-from probe.context import ProbeContext
-from probe.dns import LookupFailure
-from probe.dns_transport import QueryFailed, Reply, count_replies
+from probe.dns import lookup as probe_dns
+from probe.dns.context import DnsContext
+from probe.dns.lookup import LookupFailure
+from probe.dns.transport import QueryFailed, Reply, count_replies
 from probe.models import Deadline, Outcome
 
 NX_REWRITE_RECHECK = 600.0  # seconds: whether a resolver rewrites NXDOMAIN is a property of the resolver
@@ -30,7 +30,7 @@ class Canary:
     problem: str | None = None  # the canary could not be asked at all (no route to it, a local fault)
 
 
-async def ask_canaries(target: Target, deadline: Deadline, ctx: ProbeContext) -> tuple[Canary, ...]:
+async def ask_canaries(target: Target, deadline: Deadline, ctx: DnsContext) -> tuple[Canary, ...]:
     """Send the target name and the control name to every canary; return what each got back."""
     wait = deadline.earlier(ctx.canary_wait)
 
@@ -56,7 +56,7 @@ async def no_canaries() -> tuple[Canary, ...]:
     return ()
 
 
-async def nx_rewrite(resolver: Resolver, deadline: Deadline, ctx: ProbeContext) -> str | None:
+async def nx_rewrite(resolver: Resolver, deadline: Deadline, ctx: DnsContext) -> str | None:
     """Return evidence that `resolver` answers a random name that cannot exist, or None (cached per resolver)."""
     if resolver.control:
         return None
@@ -87,7 +87,7 @@ class TlsCheck:
     evidence: str  # `127.0.0.4:443 with SNI x: certificate rejected (...)`
 
 
-async def tls_check(address: str, target: Target, deadline: Deadline, ctx: ProbeContext) -> TlsCheck:
+async def tls_check(address: str, target: Target, deadline: Deadline, ctx: DnsContext) -> TlsCheck:
     """Connect to `address` with the target's SNI (port 443 for targets without TLS) and verify the certificate."""
     port = target.port if target.uses_tls else 443
     peer = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

@@ -9,12 +9,12 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from probe import ranking
 from probe.config import Config
-from probe.metrics import render_chunks, render_target
+from probe.exporter.api import results_json, routes_json
+from probe.exporter.metrics import render_chunks, render_target
+from probe.exporter.webconfig import BasicAuth, WebConfig, auth_middleware
 from probe.models import ProbeResult
 from probe.store import ResultStore
-from probe.webconfig import BasicAuth, WebConfig, auth_middleware
 
 ENDPOINTS = (
     ("/metrics", "GET", "Prometheus metrics of every target, route and resolver"),
@@ -57,21 +57,6 @@ def create_app(backend: Backend, web_config: WebConfig | None = None) -> web.App
     app.router.add_get("/-/healthy", h.healthy)
     app.router.add_post("/-/reload", h.reload)
     return app
-
-
-def routes_json(store: ResultStore, config: Config) -> dict[str, object]:
-    """Return the /api/routes document: vantage, then per target and per group, best first."""
-    return {"vantage": config.vantage, **ranking.to_json(store.ranking(config), store.group_ranking(config))}
-
-
-def results_json(store: ResultStore, config: Config) -> dict[str, object]:
-    """Return the /api/results document: vantage, latest results, route order and group order."""
-    return {
-        "vantage": config.vantage,
-        "results": [r.to_json() for r in store.results()],
-        "routes": ranking.order(store.ranking(config)),
-        "groups": ranking.group_order(store.group_ranking(config)),
-    }
 
 
 class _Handlers:

@@ -1,8 +1,8 @@
 """Resolve names through a configured resolver (system, udp, tcp, dot, doh): A and AAAA, every reply counted.
 
-`lookup` is what a probe's resolve step uses; `check_target` judges a target's answers across
-all its resolvers (probe.integrity). Transports live in probe.dns_transport, the files the
-system resolver reads in probe.dns_system.
+`lookup` is what a probe's resolve step uses; `probe.dns.judge` judges a target's answers across
+all its resolvers. Transports live in `probe.dns.transport`, the files the system resolver
+reads in `probe.dns.system`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from probe import dns_system
 from probe.classify import DnsFailure, describe
-from probe.config import Resolver, ResolverType, Target
-from probe.context import ProbeContext
-from probe.dns_transport import Exchange, QueryFailed, Reply, Server, exchange, make_query
-from probe.models import Deadline, DnsResult, Outcome
+from probe.config import Resolver, ResolverType
+from probe.dns import system as dns_system
+from probe.dns.context import DnsContext
+from probe.dns.transport import Exchange, QueryFailed, Reply, Server, exchange, make_query
+from probe.models import Deadline, Outcome
 
 MAX_ANSWERS = 64
 # Once one query type has answered with addresses, the other gets this long, so a resolver
@@ -71,7 +71,7 @@ async def lookup(
     resolver: Resolver,
     name: str,
     deadline: Deadline,
-    ctx: ProbeContext,
+    ctx: DnsContext,
     *,
     source_address: str | None = None,
     reply_window: float = 0.0,
@@ -94,7 +94,7 @@ async def lookup(
 
 
 async def ask(
-    resolver: Resolver, name: str, rdtype: dns.rdatatype.RdataType, deadline: Deadline, ctx: ProbeContext,
+    resolver: Resolver, name: str, rdtype: dns.rdatatype.RdataType, deadline: Deadline, ctx: DnsContext,
     *, dnssec: bool = False,
 ) -> dns.message.Message:
     """Send one query of any type (DNSKEY, DS, A...) through `resolver`; return the reply whatever its rcode.
@@ -110,19 +110,12 @@ async def ask(
         raise LookupFailure(f"{server.prefix}: {f.what} for {name} {qtype}", f.outcome, int(f.replied)) from f
 
 
-def server_label(resolver: Resolver, ctx: ProbeContext) -> str:
+def server_label(resolver: Resolver, ctx: DnsContext) -> str:
     """Return `name (address:port/type)` for evidence about `resolver` (system: its first nameserver)."""
     try:
         return _first_server(resolver, ctx).prefix
     except LookupFailure:
         return resolver.name
-
-
-async def check_target(target: Target, deadline: Deadline, ctx: ProbeContext) -> tuple[DnsResult, ...]:
-    """Judge `target`'s answers through every resolver of the target; one DnsResult per resolver, in config order."""
-    from probe import integrity  # integrity builds on this module's lookups
-
-    return await integrity.check_target(target, deadline, ctx)
 
 
 # ---- one server: A and AAAA concurrently -------------------------------------------------
@@ -144,7 +137,7 @@ class _Answer:
 
 
 async def _lookup_at(
-    server: Server, name: str, deadline: Deadline, ctx: ProbeContext, how: _How
+    server: Server, name: str, deadline: Deadline, ctx: DnsContext, how: _How
 ) -> tuple[Lookup, float]:
     """Return the lookup through one server, and when its answers were in hand."""
     tasks = [asyncio.create_task(_ask(server, name, t, deadline, ctx, how)) for t in _QTYPES]
@@ -230,7 +223,7 @@ def _per_type(name: str, parts: list[tuple[str, str]]) -> str:
 
 
 async def _ask(
-    server: Server, name: str, rdtype: dns.rdatatype.RdataType, deadline: Deadline, ctx: ProbeContext, how: _How
+    server: Server, name: str, rdtype: dns.rdatatype.RdataType, deadline: Deadline, ctx: DnsContext, how: _How
 ) -> _Answer:
     """Return the `rdtype` addresses `server` gives for `name`, following CNAMEs (empty: NODATA)."""
     query = make_query(name, rdtype, dnssec=how.dnssec)
@@ -260,7 +253,7 @@ async def _ask(
 
 
 async def _exchange_or_tcp(
-    server: Server, query: dns.message.QueryMessage, deadline: Deadline, ctx: ProbeContext, how: _How
+    server: Server, query: dns.message.QueryMessage, deadline: Deadline, ctx: DnsContext, how: _How
 ) -> Exchange:
     """Exchange over `server`; a truncated UDP reply is asked again over TCP, as stub resolvers do."""
     got = await exchange(server, query, deadline, ctx, how.source, how.window)
@@ -279,7 +272,7 @@ async def _exchange_or_tcp(
 
 
 async def _system_lookup(
-    label: str, name: str, deadline: Deadline, ctx: ProbeContext, how: _How
+    label: str, name: str, deadline: Deadline, ctx: DnsContext, how: _How
 ) -> tuple[Lookup, float]:
     listed = dns_system.hosts_addresses(ctx.hosts_file, name)
     if listed:
@@ -318,7 +311,7 @@ async def _system_lookup(
     )
 
 
-def _first_server(resolver: Resolver, ctx: ProbeContext) -> Server:
+def _first_server(resolver: Resolver, ctx: DnsContext) -> Server:
     if resolver.type is not ResolverType.SYSTEM:
         return Server.of(resolver)
     conf = dns_system.resolv_conf(ctx.resolv_conf)
@@ -331,7 +324,7 @@ def _first_server(resolver: Resolver, ctx: ProbeContext) -> Server:
 
 
 def _now() -> float:
-    return time.perf_counter()  # the clock of probe.dns_transport's reply times
+    return time.perf_counter()  # the clock of probe.dns.transport's reply times
 
 
 def _worst(outcomes: Iterable[Outcome]) -> Outcome:

@@ -33,7 +33,7 @@ BLOCK_PAGE = (
     b"<p>According to relevant laws and regulations, this page is not available.</p></body></html>"
 )
 MIB = 1024 * 1024
-DATA_DIR = Path(__file__).parent / "data" / "demo"
+DATA_DIR = Path(__file__).parent.parent / "data" / "demo"
 
 
 class Action(StrEnum):

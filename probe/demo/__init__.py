@@ -1,0 +1,1 @@
+"""`probe demo`: a border on loopback (middlebox, DNS, proxies) that shows every outcome."""

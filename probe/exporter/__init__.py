@@ -1,0 +1,1 @@
+"""What leaves the monitor: Prometheus metrics, the JSON API, the HTTP server and its access control."""

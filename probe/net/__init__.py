@@ -1,0 +1,1 @@
+"""The network layer of a probe: timed TCP connections over routes (dial), proxies, and TLS."""
