@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import socket
 import ssl
 from enum import StrEnum
 
+import dns.exception
 import h11
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError
 
@@ -22,6 +24,7 @@ class Stage(StrEnum):
     REQUEST = "request"  # HTTP request sent, waiting for the response head
     TRANSFER = "transfer"  # reading the response body
     DOWNLOAD = "download"  # the throughput download
+    QUERY = "query"  # one DNS query to one resolver (udp, tcp, dot, doh)
 
 
 class ProbeFailure(Exception):
@@ -52,6 +55,7 @@ class Throttled(ProbeFailure):
 
 
 _TIMEOUT_BY_STAGE = {
+    Stage.QUERY: Outcome.DNS_TIMEOUT,
     Stage.RESOLVE: Outcome.DNS_TIMEOUT,
     Stage.CONNECT: Outcome.TCP_TIMEOUT,
     Stage.ESTABLISHED: Outcome.TCP_TIMEOUT,
@@ -61,6 +65,7 @@ _TIMEOUT_BY_STAGE = {
     Stage.DOWNLOAD: Outcome.HTTP_TIMEOUT,
 }
 _RESET_BY_STAGE = {
+    Stage.QUERY: Outcome.DNS_SERVFAIL,  # a resolver that hung up: resolution failed
     Stage.CONNECT: Outcome.TCP_REFUSED,  # an RST answering the SYN
     Stage.ESTABLISHED: Outcome.TCP_RESET,
     Stage.TLS: Outcome.TLS_RESET,
@@ -70,16 +75,29 @@ _RESET_BY_STAGE = {
 }
 # ICMP answers to a SYN are refusals, like an RST: the path answered, nothing listens.
 _REFUSED_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
-_LOCAL_ERRNOS = {errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EMFILE, errno.ENFILE, errno.EACCES}
+# Our own side failed: an address not ours, no free fd or port, a family or argument the host refuses.
+LOCAL_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EMFILE, errno.ENFILE, errno.EACCES,
+                          errno.EAFNOSUPPORT, errno.EINVAL, errno.ENOBUFS, errno.ENOMEM})
 _RESET_TYPES = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLEOFError, EOFError)
+
+# What a proxy's refusal means (python-socks puts the SOCKS5 reply code or the HTTP status in
+# error_code). Anything not listed is tcp_refused: the proxy could not, or would not, reach the target.
+_SOCKS_REPLIES = {6: Outcome.TCP_TIMEOUT, 7: Outcome.ERROR, 8: Outcome.ERROR}  # TTL expired; unsupported
+_HTTP_PROXY_STATUSES = {504: Outcome.TCP_TIMEOUT}  # the proxy's own connection timed out
 
 
 def classify(stage: Stage, exc: BaseException) -> Outcome:
     """Return the outcome for `exc` raised at `stage`; most specific rules first."""
     if isinstance(exc, ProbeFailure):
         return exc.outcome
-    if isinstance(exc, TimeoutError | ProxyTimeoutError):
+    if isinstance(exc, TimeoutError | ProxyTimeoutError | dns.exception.Timeout):
         return _TIMEOUT_BY_STAGE.get(stage, Outcome.ERROR)
+    if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS or isinstance(exc, socket.gaierror):
+        return Outcome.ERROR  # never blame the network for our own side
+    if stage is Stage.QUERY:
+        # A resolver that answers garbage, breaks TLS or hangs up failed to resolve. dnspython's
+        # wire parser raises arbitrary types on hostile bytes, so every other row reads the same.
+        return Outcome.DNS_SERVFAIL
     if isinstance(exc, ssl.SSLCertVerificationError):
         return Outcome.TLS_CERT_INVALID
     if isinstance(exc, _RESET_TYPES):
@@ -91,20 +109,30 @@ def classify(stage: Stage, exc: BaseException) -> Outcome:
     if isinstance(exc, h11.RemoteProtocolError):
         return Outcome.HTTP_UNEXPECTED  # not HTTP at all: an injected or broken answer
     if isinstance(exc, ProxyConnectionError):
-        return Outcome.TCP_REFUSED if stage is Stage.CONNECT else Outcome.ERROR
+        return connect_errno(exc.errno) if stage is Stage.CONNECT else Outcome.ERROR
     if isinstance(exc, ProxyError):
         # The proxy answered but would not carry us: it refused or could not reach the target.
         return Outcome.TCP_REFUSED
     if isinstance(exc, OSError) and stage is Stage.CONNECT:
-        if exc.errno in _REFUSED_ERRNOS:
-            return Outcome.TCP_REFUSED
-        if exc.errno == errno.ETIMEDOUT:
-            return Outcome.TCP_TIMEOUT
-        if exc.errno in _LOCAL_ERRNOS:
-            return Outcome.ERROR
+        return connect_errno(exc.errno)
     if isinstance(exc, OSError) and exc.errno == errno.ECONNRESET:
         return _RESET_BY_STAGE.get(stage, Outcome.ERROR)
     return Outcome.ERROR
+
+
+def connect_errno(code: int | None) -> Outcome:
+    """Return what an errno from a TCP connect (direct, or to a proxy) means."""
+    if code in _REFUSED_ERRNOS:
+        return Outcome.TCP_REFUSED
+    if code == errno.ETIMEDOUT:
+        return Outcome.TCP_TIMEOUT
+    return Outcome.ERROR  # a local fault, or one we cannot read: never blamed on the network
+
+
+def proxy_refusal(scheme: str, code: int) -> Outcome:
+    """Return what a proxy's refusal to connect to the target means (SOCKS5 reply code or HTTP status)."""
+    table = _HTTP_PROXY_STATUSES if scheme == "http" else _SOCKS_REPLIES
+    return table.get(code, Outcome.TCP_REFUSED)
 
 
 def describe(exc: BaseException) -> str:

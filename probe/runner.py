@@ -1,17 +1,31 @@
-"""Run probes: one (target, route) with a fresh deadline, or a whole round."""
+"""Run probes: one (target, route) with a fresh deadline, a target's DNS check, and the one round.
+
+The round is what `probe once`, `probe routes`, `/probe` and the scheduler's "probe this
+target now" all run: for each target the DNS check first, then its probes. The DNS check
+leaves its verdicts in the context's VerdictCache; a probe's resolve step (probers.common)
+is the one place where a verdict turns into the probe's outcome, for these rounds and for
+the scheduler's periodic probes alike.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
 
 from probe.config import Config, Route, Target
 from probe.context import ProbeContext
-from probe.dns import judge, verdicts
-from probe.models import Deadline, DnsResult, ProbeResult
+from probe.dns import judge
+from probe.models import Deadline, DnsResult, Outcome, ProbeResult
 from probe.probers import PROBERS
 
+ProbeFn = Callable[[Target, Route, ProbeContext], Awaitable[ProbeResult]]
+DnsFn = Callable[[Target, Deadline, ProbeContext], Awaitable[tuple[DnsResult, ...]]]
+
 DEFAULT_ROUND_CONCURRENCY = 64
+log = logging.getLogger("probe")
 
 
 async def run_probe(target: Target, route: Route, ctx: ProbeContext) -> ProbeResult:
@@ -19,11 +33,35 @@ async def run_probe(target: Target, route: Route, ctx: ProbeContext) -> ProbeRes
     return await PROBERS[target.kind](target, route, Deadline.after(target.timeout), ctx)
 
 
-async def check_dns(target: Target, ctx: ProbeContext) -> tuple[DnsResult, ...]:
-    """Run the target's DNS check with a deadline of target.timeout."""
+async def check_dns(target: Target, deadline: Deadline, ctx: ProbeContext) -> tuple[DnsResult, ...]:
+    """Run the target's DNS check (its verdicts go to ctx.verdicts); () for an IP literal."""
     if not target.needs_dns:
         return ()
-    return await judge.check_target(target, Deadline.after(target.timeout), ctx)
+    return await judge.check_target(target, deadline, ctx)
+
+
+async def guarded_probe(target: Target, route: Route, ctx: ProbeContext, probe_fn: ProbeFn = run_probe) -> ProbeResult:
+    """Run `probe_fn`; a prober bug becomes an `error` result, never an outcome blamed on the network."""
+    started, t0 = time.time(), time.monotonic()
+    try:
+        return await probe_fn(target, route, ctx)
+    except Exception as e:  # the boundary above the probers' own: a bug in one must not end the round
+        log.exception("%s/%s: probe raised", target.name, route.name)
+        return ProbeResult(
+            target.name, route.name, Outcome.ERROR, started, time.monotonic() - t0, error=f"{type(e).__name__}: {e}"
+        )
+
+
+async def guarded_dns(target: Target, ctx: ProbeContext, dns_fn: DnsFn = check_dns) -> tuple[DnsResult, ...]:
+    """Run the DNS check with a deadline of target.timeout; a bug in it becomes `error` for every resolver."""
+    if not target.needs_dns:
+        return ()
+    try:
+        return await dns_fn(target, Deadline.after(target.timeout), ctx)
+    except Exception as e:  # a bug in the DNS check: every resolver reports `error`
+        log.exception("%s: DNS check raised", target.name)
+        error = f"{type(e).__name__}: {e}"
+        return tuple(DnsResult(r, Outcome.ERROR, error=error) for r in target.resolvers)
 
 
 async def run_round(
@@ -31,29 +69,39 @@ async def run_round(
     ctx: ProbeContext,
     targets: Sequence[Target] | None = None,
     routes: Sequence[str] | None = None,
-    on_result: Callable[[ProbeResult], None] | None = None,
-    concurrency: int = DEFAULT_ROUND_CONCURRENCY,
+    *,
+    on_result: Callable[[ProbeResult], object] | None = None,
+    on_dns: Callable[[Target, tuple[DnsResult, ...]], None] | None = None,
+    limit: asyncio.Semaphore | None = None,
+    probe_fn: ProbeFn = run_probe,
+    dns_fn: DnsFn = check_dns,
 ) -> list[ProbeResult]:
-    """Probe every (target, route) once, with each target's DNS check; results in config order."""
+    """Probe every chosen (target, route) once, each target's DNS check first; results in config order.
+
+    Each result carries its target's DNS results of this round. `limit` bounds how many
+    probes and checks run at once (the scheduler passes its own, so a round shares its bound).
+    """
     chosen = list(targets if targets is not None else config.targets)
-    limit = asyncio.Semaphore(concurrency)
-    pairs = [(t, r) for t in chosen for r in t.routes if routes is None or r in routes]
+    bound = limit if limit is not None else asyncio.Semaphore(DEFAULT_ROUND_CONCURRENCY)
 
-    async def one(target: Target, route: str) -> ProbeResult:
-        async with limit:
-            result = await run_probe(target, config.route(route), ctx)
-        if on_result is not None:
-            on_result(result)
-        return result
+    async def one_target(target: Target) -> list[ProbeResult]:
+        names = [r for r in target.routes if routes is None or r in routes]
+        if not names:
+            return []
+        async with bound:
+            checks = await guarded_dns(target, ctx, dns_fn)
+        if on_dns is not None and target.needs_dns:
+            on_dns(target, checks)
 
-    async def dns_of(target: Target) -> tuple[DnsResult, ...]:
-        async with limit:
-            return await check_dns(target, ctx)
+        async def one(route: str) -> ProbeResult:
+            async with bound:
+                result = await guarded_probe(target, config.route(route), ctx, probe_fn)
+            result = dataclasses.replace(result, dns=checks)
+            if on_result is not None:
+                on_result(result)
+            return result
 
-    dns_tasks = {t.name: asyncio.ensure_future(dns_of(t)) for t in chosen if any(p[0] is t for p in pairs)}
-    results = await asyncio.gather(*(one(t, r) for t, r in pairs))
-    checks = {name: await task for name, task in dns_tasks.items()}
-    return [
-        verdicts.with_dns_verdict(r, config.target(r.target), config.route(r.route), checks.get(r.target, ()), config)
-        for r in results
-    ]
+        return list(await asyncio.gather(*(one(r) for r in names)))
+
+    per_target = await asyncio.gather(*(one_target(t) for t in chosen))
+    return [r for results in per_target for r in results]

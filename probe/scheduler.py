@@ -24,12 +24,9 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from probe.config import Config, Route, Target
 from probe.context import ProbeContext
-from probe.dns.verdicts import with_dns_verdict
-from probe.models import Deadline, DnsResult, Outcome, ProbeResult
+from probe.models import DnsResult, ProbeResult
+from probe.runner import DnsFn, ProbeFn, check_dns, guarded_dns, guarded_probe, run_probe, run_round
 from probe.store import ResultStore
-
-ProbeFn = Callable[[Target, Route, ProbeContext], Awaitable[ProbeResult]]
-DnsFn = Callable[[Target, Deadline, ProbeContext], Awaitable[tuple[DnsResult, ...]]]
 
 DEFAULT_CONCURRENCY = 256
 # Runs start on a 50 ms grid: the pairs whose places in the interval fall in one slot start
@@ -68,18 +65,6 @@ def start_offset(job_id: str, interval: float) -> float:
     if interval >= 4 * START_GRID_SECONDS:
         offset = math.floor(offset / START_GRID_SECONDS) * START_GRID_SECONDS
     return offset
-
-
-async def _default_probe(target: Target, route: Route, ctx: ProbeContext) -> ProbeResult:
-    from probe.runner import run_probe
-
-    return await run_probe(target, route, ctx)
-
-
-async def _default_dns(target: Target, deadline: Deadline, ctx: ProbeContext) -> tuple[DnsResult, ...]:
-    from probe.dns.judge import check_target
-
-    return await check_target(target, deadline, ctx)
 
 
 class _TaskExecutor(BaseExecutor):  # type: ignore[misc]  # apscheduler is untyped
@@ -178,8 +163,8 @@ class Scheduler:
         self.config = config
         self.ctx = ctx
         self.store = store
-        self._probe_fn = probe_fn or _default_probe
-        self._dns_fn = dns_fn or _default_dns
+        self._probe_fn = probe_fn or run_probe
+        self._dns_fn = dns_fn or check_dns
         self.concurrency = concurrency
         self._limit = asyncio.Semaphore(concurrency)
         self._executor = _TaskExecutor()
@@ -245,32 +230,18 @@ class Scheduler:
     # --- running --------------------------------------------------------------------
 
     async def run_target(self, name: str) -> list[ProbeResult]:
-        """Probe one configured target now over all its routes, with its DNS check; record and return."""
+        """Probe one configured target now over all its routes, its DNS check first (the one round); record."""
         config, ctx = self.config, self.ctx
         target = _find_target(config, name)
         if target is None:
             raise KeyError(name)
+        return await run_round(
+            config, ctx, [target], on_result=self.store.record, on_dns=self._record_dns, limit=self._limit,
+            probe_fn=self._probe_fn, dns_fn=self._dns_fn,
+        )
 
-        async def one(route: str) -> ProbeResult:
-            async with self._limit:
-                return await self._probe(target, config.route(route), ctx)
-
-        async def check() -> tuple[DnsResult, ...]:
-            if not target.needs_dns:
-                return ()
-            async with self._limit:
-                checks = await self._check_dns(target, ctx)
-            self.store.record_dns(target.name, checks)
-            return checks
-
-        async with asyncio.TaskGroup() as group:
-            dns_task = group.create_task(check())
-            tasks = [group.create_task(one(r)) for r in target.routes]
-        checks = dns_task.result()
-        results = [with_dns_verdict(t.result(), target, config.route(t.result().route), checks, config) for t in tasks]
-        for result in results:
-            self.store.record(result)
-        return results
+    def _record_dns(self, target: Target, checks: tuple[DnsResult, ...]) -> None:
+        self.store.record_dns(target.name, checks)
 
     async def _run_pair(self, target_name: str, route_name: str) -> None:
         config, ctx = self.config, self.ctx
@@ -299,23 +270,10 @@ class Scheduler:
             self.store.observe_lag(time.time() - planned)
 
     async def _probe(self, target: Target, route: Route, ctx: ProbeContext) -> ProbeResult:
-        started, t0 = time.time(), time.monotonic()
-        try:
-            return await self._probe_fn(target, route, ctx)
-        except Exception as e:  # a prober bug: report it as `error`, never blame the network
-            log.exception("%s/%s: probe raised", target.name, route.name)
-            return ProbeResult(
-                target.name, route.name, Outcome.ERROR, started, time.monotonic() - t0,
-                error=f"{type(e).__name__}: {e}",
-            )
+        return await guarded_probe(target, route, ctx, self._probe_fn)
 
     async def _check_dns(self, target: Target, ctx: ProbeContext) -> tuple[DnsResult, ...]:
-        try:
-            return await self._dns_fn(target, Deadline.after(target.timeout), ctx)
-        except Exception as e:  # a bug in the DNS check: every resolver reports `error`
-            log.exception("%s: DNS check raised", target.name)
-            error = f"{type(e).__name__}: {e}"
-            return tuple(DnsResult(r, Outcome.ERROR, error=error) for r in target.resolvers)
+        return await guarded_dns(target, ctx, self._dns_fn)
 
     # --- clock steps ----------------------------------------------------------------
 

@@ -14,10 +14,12 @@ from aiohttp import web
 from probe import config as config_module
 from probe.config import Config, ConfigError, parse_hostport
 from probe.context import ProbeContext
+from probe.dns.verdicts import VerdictCache
 from probe.exporter import webconfig
 from probe.exporter.server import create_app
 from probe.models import ProbeResult
-from probe.scheduler import DEFAULT_CONCURRENCY, DnsFn, ProbeFn, Scheduler
+from probe.runner import DnsFn, ProbeFn
+from probe.scheduler import DEFAULT_CONCURRENCY, Scheduler
 from probe.store import ResultStore
 
 log = logging.getLogger("probe")
@@ -42,7 +44,9 @@ class Service:
         self.config_path = config_path
         self.shard = shard
         self.config = config
-        self.ctx = ProbeContext(config)
+        # The DNS verdicts outlive reloads: a reload must not forget what the last check found forged.
+        self.verdicts = VerdictCache()
+        self.ctx = ProbeContext(config, verdicts=self.verdicts)
         self.store = ResultStore(config)
         self.scheduler = Scheduler(
             config, self.ctx, self.store, probe_fn=probe_fn, dns_fn=dns_fn, concurrency=concurrency
@@ -77,7 +81,7 @@ class Service:
                           self.config_path, "; ".join(e.problems))
                 return str(e)
             old, old_ctx = self.config, self.ctx
-            self.config, self.ctx = new, ProbeContext(new)
+            self.config, self.ctx = new, ProbeContext(new, verdicts=self.verdicts)
             changes = self.scheduler.apply(new, self.ctx)
             self.store.reload_succeeded(new)
             # Probes already running still use the old context; close it once they must have ended.

@@ -607,8 +607,10 @@ async def test_round_outcome_takes_the_dns_verdict_of_the_routes_resolver(make: 
     forged = by_route["via-ali"]
     assert forged.outcome is Outcome.DNS_INJECTION and forged.blocked
     assert any("2 differing replies to one A query" in e for e in forged.evidence)
-    assert forged.evidence[-1] == (f"ali answered 127.0.0.66 for {NAME}, which the DNS check of this round judged "
-                                   f"dns_injection; connecting to it gave ok")
+    # The round's DNS check ran first: the probe refuses the forged answer before connecting to it.
+    assert forged.evidence[-1] == (f"ali answered 127.0.0.66 for {NAME}, which the DNS check 0 s ago judged "
+                                   f"dns_injection")
+    assert forged.address is None
     assert [d.resolver for d in forged.dns] == ["ali", "honest"]
     # The other route connects to the other resolver's answers (nothing listens there: refused).
     assert by_route["via-honest"].outcome is Outcome.TCP_REFUSED
@@ -682,7 +684,9 @@ async def test_once_json_shows_dns_injection_for_a_resolver_receiving_two_differ
         code, out, err = await run_cli("once", "-c", cfg, "--json")
     assert code == 1, err
     [result] = json.loads(out)["results"]
-    assert (result["outcome"], result["blocked"], result["address"]) == ("dns_injection", True, "127.0.0.66")
+    # Refused at the resolve step: no connection, the forged answer named in the evidence.
+    assert (result["outcome"], result["blocked"], result["address"]) == ("dns_injection", True, None)
+    assert f"ali answered 127.0.0.66 for {NAME}" in result["evidence"][-1]
     [ali] = result["dns"]
     assert (ali["resolver"], ali["outcome"], ali["answers"], ali["replies"], ali["consistent"]) == (
         "ali", "dns_injection", ["127.0.0.66"], 4, False)

@@ -289,3 +289,14 @@ async def test_probe_run_reloads_on_sighup_and_exits_zero_on_sigterm(config_file
     log = "\n".join(lines)
     assert "config reloaded" in log and "keeping the running config" in log and "stopped" in log
     assert "Traceback" not in log and "hunter2" not in log
+
+
+async def test_dns_verdicts_outlive_a_reload(client: Client, service: Service, config_file: Path) -> None:
+    forged = DnsResult("ali", Outcome.DNS_INJECTION, ("203.0.113.66",), replies=2, evidence=("two replies",))
+    service.ctx.verdicts.remember("hk.storage.example", [forged], valid_for=600.0)
+    before = service.ctx
+    config_file.write_text(CONFIG.replace("interval: 1h}\n", "interval: 2h}\n", 1))
+    assert (await client.post("/-/reload")).status == 200
+    assert service.ctx is not before  # a new context for the new config ...
+    kept = service.ctx.verdicts.get("hk.storage.example", "ali")  # ... with the verdicts of the old one
+    assert kept is not None and kept.result == forged

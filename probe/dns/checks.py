@@ -11,13 +11,16 @@ from dataclasses import dataclass
 
 import dns.rdatatype
 
-from probe.classify import describe
-from probe.config import Resolver, Target
+from probe.classify import classify, describe
+from probe.config import DIRECT_ROUTE, Resolver, Target
 from probe.dns import lookup as probe_dns
 from probe.dns.context import DnsContext
 from probe.dns.lookup import LookupFailure
 from probe.dns.transport import QueryFailed, Reply, count_replies
 from probe.models import Deadline, Outcome
+from probe.net import dial
+from probe.net.tls import start_tls
+from probe.trace import Trace
 
 NX_REWRITE_RECHECK = 600.0  # seconds: whether a resolver rewrites NXDOMAIN is a property of the resolver
 
@@ -88,26 +91,39 @@ class TlsCheck:
 
 
 async def tls_check(address: str, target: Target, deadline: Deadline, ctx: DnsContext) -> TlsCheck:
-    """Connect to `address` with the target's SNI (port 443 for targets without TLS) and verify the certificate."""
+    """Connect to `address` with the target's SNI (port 443 for targets without TLS) and verify the certificate.
+
+    The connection and handshake are the probes' own (probe.net), and what stops them is read
+    by the one classification table.
+    """
     port = target.port if target.uses_tls else 443
+    trace = Trace()
     peer = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     what = f"{peer} with SNI {target.sni}"
     timeout = min(ctx.tls_check_timeout, deadline.remaining())
     try:
         async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(
-                address, port, ssl=ctx.tls.verifying(target.ca_file), server_hostname=target.sni
-            )
-    except ssl.SSLCertVerificationError as e:
-        return TlsCheck(False, True, f"{what}: certificate rejected ({e.verify_message})")
-    except TimeoutError:
-        return TlsCheck(False, False, f"{what}: no completed TLS handshake within {timeout:.1f} s")
-    except ssl.SSLError as e:
-        return TlsCheck(False, False, f"{what}: TLS handshake failed ({e.reason or e})")
-    except OSError as e:
-        return TlsCheck(False, False, f"{what}: unreachable ({os.strerror(e.errno) if e.errno else e})")
-    writer.transport.abort()
+            conn = await dial.connect(address, port, DIRECT_ROUTE, trace)
+            try:
+                await start_tls(conn, ctx.tls.verifying(target.ca_file), target.sni, trace)
+            finally:
+                dial.close(conn)
+    except (OSError, EOFError, ssl.SSLError) as e:
+        return _failed(what, classify(trace.stage, e), e, timeout)
     return TlsCheck(True, True, f"{what}: certificate valid for {target.sni}")
+
+
+def _failed(what: str, outcome: Outcome, e: BaseException, timeout: float) -> TlsCheck:
+    if outcome is Outcome.TLS_CERT_INVALID:
+        reason = getattr(e, "verify_message", None) or e
+        return TlsCheck(False, True, f"{what}: certificate rejected ({reason})")
+    if isinstance(e, TimeoutError):
+        return TlsCheck(False, False, f"{what}: no completed TLS handshake within {timeout:.1f} s")
+    if outcome in (Outcome.TLS_RESET, Outcome.TLS_TIMEOUT):
+        reason = getattr(e, "reason", None) or describe(e)
+        return TlsCheck(False, False, f"{what}: TLS handshake failed ({reason})")
+    code = e.errno if isinstance(e, OSError) else None
+    return TlsCheck(False, False, f"{what}: unreachable ({os.strerror(code) if code else describe(e)})")
 
 
 def listed(addresses: Sequence[str]) -> str:

@@ -26,7 +26,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 
-from probe.classify import describe
+from probe.classify import Stage, classify, describe
 from probe.config import Resolver, ResolverType
 from probe.dns.context import DnsContext
 from probe.models import Deadline, Outcome
@@ -34,7 +34,6 @@ from probe.models import Deadline, Outcome
 MAX_DOH_BYTES = 64 * 1024
 MAX_UDP_REPLIES = 32  # a flood of forged replies is recorded up to this many
 EDNS_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation
-_LOCAL_ERRNOS = {errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL, errno.EMFILE, errno.ENFILE, errno.EACCES}
 _NETWORK_ERRNOS = {
     errno.ECONNREFUSED: "connection refused",
     errno.ECONNRESET: "connection reset",
@@ -154,20 +153,20 @@ async def exchange(
             return Exchange(message, (reply,), _now())
     except QueryFailed:
         raise
-    except (TimeoutError, dns.exception.Timeout):
-        raise QueryFailed(f"no reply within {_now() - started:.1f} s", Outcome.DNS_TIMEOUT) from None
+    except (TimeoutError, dns.exception.Timeout) as e:
+        raise QueryFailed(f"no reply within {_now() - started:.1f} s", _outcome(e)) from None
     except ssl.SSLCertVerificationError as e:
-        raise QueryFailed(f"TLS certificate rejected ({e.verify_message})", Outcome.DNS_SERVFAIL) from e
+        raise QueryFailed(f"TLS certificate rejected ({e.verify_message})", _outcome(e)) from e
     except ssl.SSLError as e:
-        raise QueryFailed(f"TLS handshake failed ({e.reason or e})", Outcome.DNS_SERVFAIL) from e
+        raise QueryFailed(f"TLS handshake failed ({e.reason or e})", _outcome(e)) from e
     except OSError as e:
         raise os_failure(e) from e
     except EOFError as e:
-        raise QueryFailed("connection closed before a reply", Outcome.DNS_SERVFAIL) from e
+        raise QueryFailed("connection closed before a reply", _outcome(e)) from e
     except dns.query.BadResponse as e:
-        raise QueryFailed("a reply that does not match the query", Outcome.DNS_SERVFAIL, replied=True) from e
+        raise QueryFailed("a reply that does not match the query", _outcome(e), replied=True) from e
     except Exception as e:  # the boundary: dnspython's wire parser raises arbitrary types on hostile bytes
-        raise QueryFailed(f"an unparseable reply ({describe(e)})", Outcome.DNS_SERVFAIL, replied=True) from e
+        raise QueryFailed(f"an unparseable reply ({describe(e)})", _outcome(e), replied=True) from e
 
 
 async def count_replies(
@@ -219,9 +218,14 @@ def reply_of(
 
 def os_failure(e: OSError) -> QueryFailed:
     """Return the failure for a socket error: a local fault is `error`, a network one `dns_servfail`."""
-    if e.errno in _LOCAL_ERRNOS or isinstance(e, socket.gaierror):
-        return QueryFailed(f"a local socket error ({describe(e)})", Outcome.ERROR)
-    return QueryFailed(_NETWORK_ERRNOS.get(e.errno or 0, f"a network error ({describe(e)})"), Outcome.DNS_SERVFAIL)
+    outcome = _outcome(e)
+    if outcome is Outcome.ERROR:
+        return QueryFailed(f"a local socket error ({describe(e)})", outcome)
+    return QueryFailed(_NETWORK_ERRNOS.get(e.errno or 0, f"a network error ({describe(e)})"), outcome)
+
+
+def _outcome(e: BaseException) -> Outcome:
+    return classify(Stage.QUERY, e)  # the one table, its DNS-query rows
 
 
 # ---- UDP: every reply counted ----------------------------------------------------------------
@@ -357,13 +361,13 @@ async def _doh(
                     raise QueryFailed(f"a reply over {MAX_DOH_BYTES} bytes", Outcome.DNS_SERVFAIL)
     except aiohttp.ClientConnectorCertificateError as e:
         reason = getattr(e.certificate_error, "verify_message", None) or e.certificate_error
-        raise QueryFailed(f"TLS certificate rejected ({reason})", Outcome.DNS_SERVFAIL) from e
+        raise QueryFailed(f"TLS certificate rejected ({reason})", _outcome(e)) from e
     except aiohttp.ClientSSLError as e:
-        raise QueryFailed(f"TLS handshake failed ({e.os_error})", Outcome.DNS_SERVFAIL) from e
+        raise QueryFailed(f"TLS handshake failed ({e.os_error})", _outcome(e)) from e
     except aiohttp.ClientConnectorError as e:
         raise os_failure(e.os_error) from e
     except aiohttp.ClientError as e:
-        raise QueryFailed(f"HTTP exchange failed ({describe(e)})", Outcome.DNS_SERVFAIL) from e
+        raise QueryFailed(f"HTTP exchange failed ({describe(e)})", _outcome(e)) from e
     return dns.message.from_wire(bytes(body))
 
 

@@ -1,25 +1,22 @@
 """DNS verdicts and the one rule that applies them to a probe.
 
-The DNS check (judge) runs per target; its verdict per resolver is kept here, for the
-resolve step of later probes (`probe run`) and for the round that ran it (`probe once`,
-`/probe`): both go through `apply`, the one place where a verdict becomes a probe's outcome.
+The DNS check (judge) runs per target; its verdict per resolver is kept here, owned by the
+service across reloads. Every probe's resolve step asks `judged_unusable` (the one rule),
+whether it runs in a round after its target's check (`probe once`, `/probe`) or on its own
+schedule (`probe run`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from probe.config import Config, Route, Target
-from probe.models import DnsResult, Outcome, ProbeResult
+from probe.config import Config
+from probe.models import DnsResult, Outcome
 
 # The verdicts that make a resolver's answers unusable for connecting.
 UNUSABLE_ANSWERS = frozenset({Outcome.DNS_INJECTION, Outcome.DNS_MISMATCH})
-# A probe with one of these outcomes failed before (or outside) the connection stages.
-_FAILED_HERE = frozenset({Outcome.DNS_INJECTION, Outcome.DNS_MISMATCH, Outcome.DNS_NXDOMAIN, Outcome.DNS_SERVFAIL,
-                          Outcome.DNS_TIMEOUT, Outcome.ERROR})
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,27 +52,18 @@ class VerdictCache:
         return verdict
 
 
-def with_dns_verdict(result: ProbeResult, target: Target, route: Route, checks: Sequence[DnsResult],
-                     config: Config) -> ProbeResult:
-    """Return `result` with `dns` set, and with the DNS verdict as its outcome when DNS is where it failed.
+def judged_unusable(host: str, resolver: str, answers: Sequence[str], cache: VerdictCache) -> DnsVerdict | None:
+    """Return the verdict that forbids connecting to `answers` for `host` from `resolver`, or None.
 
-    That is when the route connects to the answers of a resolver (its own, or `system`) that the
-    check found forged or unusable, and the probe connected to an address the controls do not give.
+    The one rule: the latest check of (host, resolver) found its answers forged or unusable
+    (dns_injection, dns_mismatch), and these answers are tainted by it (none of them is what
+    the controls gave). A route that hands the name to its proxy has no local answers, so
+    the rule never reaches it.
     """
-    result = dataclasses.replace(result, dns=tuple(checks))
-    if not target.needs_dns or route.proxy is not None and route.proxy.scheme != "socks5":
-        return result  # an IP literal, or a proxy that resolves the name itself: no local answer used
-    verdict = next((d for d in checks if d.resolver == config.route_resolver(route).name), None)
-    if verdict is None or verdict.outcome not in UNUSABLE_ANSWERS or result.address is None:
-        return result
-    if result.outcome in _FAILED_HERE or not untrusted((result.address,), verdict, trusted_answers(checks, config)):
-        return result
-    then = (f"{verdict.resolver} answered {result.address} for {target.host}, which the DNS check of this round "
-            f"judged {verdict.outcome}; connecting to it gave {result.outcome}")
-    return dataclasses.replace(
-        result, outcome=verdict.outcome, evidence=(*verdict.evidence, *result.evidence, then),
-        error=result.error or verdict.error,
-    )
+    verdict = cache.get(host, resolver)
+    if verdict is None or verdict.result.outcome not in UNUSABLE_ANSWERS:
+        return None
+    return verdict if untrusted(answers, verdict.result, verdict.trusted) else None
 
 
 def trusted_answers(checks: Sequence[DnsResult], config: Config) -> frozenset[str]:

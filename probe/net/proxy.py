@@ -8,7 +8,7 @@ import socket
 from python_socks import ProxyConnectionError, ProxyError, ProxyType
 from python_socks.async_.asyncio import Proxy as AsyncProxy
 
-from probe.classify import ProbeFailure, Stage, classify
+from probe.classify import ProbeFailure, connect_errno, proxy_refusal
 from probe.config import Proxy
 from probe.models import Outcome
 from probe.trace import Trace
@@ -22,10 +22,6 @@ class ProxyFailure(ProbeFailure):
         self.reason = reason or message  # the probe's evidence line ends with this
 
 
-# What a proxy's refusal means (python-socks puts the SOCKS5 reply code or the HTTP status in
-# error_code). Anything not listed is tcp_refused: the proxy could not, or would not, reach the target.
-_SOCKS_REPLIES = {6: Outcome.TCP_TIMEOUT, 7: Outcome.ERROR, 8: Outcome.ERROR}  # TTL expired; unsupported
-_HTTP_STATUSES = {504: Outcome.TCP_TIMEOUT}  # the proxy's own connection timed out
 _HTTP_AUTH_STATUSES = {401, 407}
 
 
@@ -57,7 +53,7 @@ async def proxy_connect(host: str, port: int, p: Proxy, source_address: str | No
 
 def _unreachable(p: Proxy, e: ProxyConnectionError, source_address: str | None) -> ProxyFailure:
     text = os.strerror(e.errno) if e.errno else str(e)
-    outcome = classify(Stage.CONNECT, OSError(e.errno, text))  # the errno table of a direct connect
+    outcome = connect_errno(e.errno)  # the errno rows of a direct connect
     if outcome is Outcome.ERROR and source_address is not None:  # a local fault, e.g. an address not ours
         return ProxyFailure(f"cannot connect to proxy {p.redacted()} from {source_address}: {text}", outcome)
     reason = f"{text}; the proxy itself is unreachable"
@@ -76,8 +72,8 @@ def _refused(p: Proxy, e: ProxyError, trace: Trace) -> ProxyFailure:
         trace.note(f"proxy {p.redacted()} broke off its handshake: {answer}")
         return ProxyFailure(f"proxy {p.redacted()} broke off its handshake: {answer}", Outcome.TCP_RESET)
     if p.scheme == "http":
-        outcome, detail = _HTTP_STATUSES.get(code, Outcome.TCP_REFUSED), f"the proxy answered {answer!r}"
+        detail = f"the proxy answered {answer!r}"
     else:
-        outcome = _SOCKS_REPLIES.get(code, Outcome.TCP_REFUSED)
         detail = f"the proxy answered {answer!r} (SOCKS5 reply {code})"
-    return ProxyFailure(f"proxy {p.redacted()} did not connect to the target: {detail}", outcome, detail)
+    return ProxyFailure(f"proxy {p.redacted()} did not connect to the target: {detail}", proxy_refusal(p.scheme, code),
+                        detail)

@@ -13,7 +13,6 @@ from probe.config import Route, Target, is_ip
 from probe.context import ProbeContext
 from probe.dns import lookup as dns
 from probe.dns import verdicts
-from probe.dns.verdicts import UNUSABLE_ANSWERS
 from probe.models import Deadline, Outcome, Phase, ProbeResult
 from probe.trace import PhaseTimes, Trace
 
@@ -121,10 +120,8 @@ async def resolve(host: str, route: Route, deadline: Deadline, ctx: ProbeContext
 
 def _refuse_judged_answers(host: str, resolver: str, answers: tuple[str, ...], ctx: ProbeContext, trace: Trace) -> None:
     """Fail the resolve stage when the latest DNS check found these answers forged or unusable."""
-    verdict = ctx.verdicts.get(host, resolver)
-    if verdict is None or verdict.result.outcome not in UNUSABLE_ANSWERS:
-        return
-    if not verdicts.untrusted(answers, verdict.result, verdict.trusted):
+    verdict = verdicts.judged_unusable(host, resolver, answers, ctx.verdicts)
+    if verdict is None:
         return
     for line in verdict.result.evidence:
         trace.note(line)
