@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import ssl
 import struct
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from probe.config import is_ip
 
 HOST = "127.0.0.1"
 FIRST_BYTES_LIMIT = 16 * 1024
@@ -284,7 +285,7 @@ class ConnectProxy(_Listener):
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
                 method, _, rest = head.partition(" ")
                 host, _, port_text = rest.partition(" ")[0].rpartition(":")
-                address = self.zone.get(host.lower()) or (host if _is_ip(host) else None)
+                address = self.zone.get(host.lower()) or (host if is_ip(host) else None)
                 if method != "CONNECT" or address is None or not port_text.isdigit():
                     writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
                     await writer.drain()
@@ -301,14 +302,6 @@ class ConnectProxy(_Listener):
         finally:
             writer.transport.abort()
             self._connections.remove()
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 # ---- ports that refuse or black-hole -------------------------------------------------------

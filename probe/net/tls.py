@@ -16,32 +16,27 @@ _TLS_VERSIONS = {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2",
 
 
 class TlsContexts:
-    """Client SSL contexts, built once per CA file: the system store plus the extra CA bundle."""
+    """Client SSL contexts, built once per (CA file, ALPN): the system store plus the extra CA bundle."""
 
     def __init__(self) -> None:
-        self._verify: dict[str | None, ssl.SSLContext] = {}
-        self._dns: dict[str | None, ssl.SSLContext] = {}
+        self._made: dict[tuple[str | None, str], ssl.SSLContext] = {}
 
     def verifying(self, ca_file: str | None) -> ssl.SSLContext:
-        """Return a context that verifies against the system store plus `ca_file`."""
-        ctx = self._verify.get(ca_file)
-        if ctx is None:
-            ctx = ssl.create_default_context()
-            if ca_file:
-                ctx.load_verify_locations(cafile=ca_file)
-            ctx.set_alpn_protocols(["http/1.1"])
-            self._verify[ca_file] = ctx
-        return ctx
+        """Return a context that verifies against the system store plus `ca_file`, offering HTTP/1.1."""
+        return self._context(ca_file, "http/1.1")
 
     def dns_tls(self, ca_file: str | None) -> ssl.SSLContext:
         """Return a context for DNS over TLS: like `verifying`, but offering ALPN "dot" (RFC 7858)."""
-        ctx = self._dns.get(ca_file)
+        return self._context(ca_file, "dot")
+
+    def _context(self, ca_file: str | None, alpn: str) -> ssl.SSLContext:
+        ctx = self._made.get((ca_file, alpn))
         if ctx is None:
             ctx = ssl.create_default_context()
             if ca_file:
                 ctx.load_verify_locations(cafile=ca_file)
-            ctx.set_alpn_protocols(["dot"])
-            self._dns[ca_file] = ctx
+            ctx.set_alpn_protocols([alpn])
+            self._made[(ca_file, alpn)] = ctx
         return ctx
 
 
