@@ -196,6 +196,46 @@ INVALID: list[tuple[str, list[str]]] = [
         ["bogons[0]: '10.0.0.0/33' is not a CIDR", "bogons[1]: 'private' is not a CIDR"],
     ),
     (
+        "invalid-path-samples-zero.yml",
+        [
+            "targets[0].path.samples: must be greater than zero, not 0",
+            "targets[1].path.samples: 500 is more than 100 samples per run",
+        ],
+    ),
+    (
+        "invalid-path-spread-longer-than-interval.yml",
+        [
+            "targets[0].path.spread: spread 40s is longer than the interval (30s)",
+            "targets[1].path.spread: the last of 20 samples goes out 4.75s into the run and may wait 0.9s for its"
+            " answer: past the interval (5s)",
+        ],
+    ),
+    (
+        "invalid-path-icmp-on-proxy-route.yml",
+        [
+            "targets[1].path.method: icmp cannot go through proxy route 'hk-socks': use method tcp"
+            " (the proxy's CONNECT reply)"
+        ],
+    ),
+    (
+        "invalid-path-keys.yml",
+        [
+            "defaults.path.spread: missing (the time the samples are spread over, e.g. 5s)",
+            "targets[1].path.count: unknown key",
+            "targets[1].path.method: unknown method 'udp' (one of tcp, icmp)",
+            "targets[2].path.spread: 50 samples over 1s are 20 ms apart; the least is 50 ms (at most 20 a second"
+            " per pair)",
+        ],
+    ),
+    (
+        "invalid-path-rate-cap.yml",
+        [
+            "targets: path sampling would send 2,010 samples a second on average; the cap is 2,000 (fewer samples,"
+            " longer intervals or fewer routes)"
+        ],
+    ),
+    ("invalid-timezone.yml", ["timezone: unknown time zone 'Asia/Shangai' (an IANA name like Asia/Shanghai or UTC)"]),
+    (
         "invalid-multiple-problems.yml",
         [
             "listen: bad address '0.0.0.0': needs host:port",
@@ -470,6 +510,35 @@ targets:
     assert (proxy.username, proxy.password) == ("alice", "p@ss")
     assert proxy.redacted() == "socks5h://***@10.0.0.5:1080"
     assert "p@ss" not in repr(cfg) and "alice" not in repr(cfg)
+
+
+def test_path_is_read_from_defaults_and_overridden_per_target(tmp_path: Path) -> None:
+    cfg = load_text(
+        tmp_path,
+        """
+timezone: Asia/Shanghai
+routes:
+  - {name: cn2, source_address: 10.0.0.2}
+  - {name: hk, proxy: "http://10.0.0.6:3128"}
+defaults:
+  path: {samples: 20, spread: 5s}
+targets:
+  - {name: inherits, address: "x.example:443", routes: [direct, hk]}
+  - {name: echo, address: "y.example:443", routes: [direct, cn2], path: {samples: 10, spread: 2s, method: icmp}}
+  - {name: none, url: "https://z.example/", path: null}
+""",
+    )
+    inherits, echo, none = cfg.targets
+    assert inherits.path == config.PathCheck(samples=20, spread=5.0, method=config.PathMethod.TCP)
+    assert echo.path == config.PathCheck(samples=10, spread=2.0, method=config.PathMethod.ICMP)
+    assert none.path is None
+    assert cfg.timezone == "Asia/Shanghai"
+
+
+def test_path_and_timezone_are_off_by_default(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, "targets:\n  - {name: a, address: 'x.example:443'}\n")
+    assert cfg.targets[0].path is None
+    assert cfg.timezone is None
 
 
 # --- parsers ---------------------------------------------------------------------------

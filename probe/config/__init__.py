@@ -16,6 +16,8 @@ from probe.config.model import (
     Download,
     Expect,
     HttpCheck,
+    PathCheck,
+    PathMethod,
     Proxy,
     Resolver,
     ResolverType,
@@ -28,7 +30,8 @@ from probe.config.values import parse_duration, parse_hostport, parse_proxy, par
 
 __all__ = [
     "DEFAULT_INTERVAL", "DEFAULT_LISTEN", "DEFAULT_TIMEOUT", "DIRECT_ROUTE", "MAX_CONFIG_BYTES", "SYSTEM_RESOLVER",
-    "Config", "ConfigError", "Download", "Expect", "HttpCheck", "Proxy", "Resolver", "ResolverType", "Route",
+    "Config", "ConfigError", "Download", "Expect", "HttpCheck", "PathCheck", "PathMethod", "Proxy", "Resolver",
+    "ResolverType", "Route",
     "Target", "TargetKind", "is_ip", "load", "loads", "parse_duration", "parse_hostport", "parse_proxy",
     "parse_shard",
 ]

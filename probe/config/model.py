@@ -16,6 +16,12 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_DOWNLOAD_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_DNS_REPLY_WINDOW = 0.5
+# Path sampling (README "Path quality"). A sample unanswered after PATH_SAMPLE_DEADLINE is lost:
+# under Linux's 1 s initial SYN retransmission timeout, so a retransmitted SYN never hides a loss.
+PATH_SAMPLE_DEADLINE = 0.9
+PATH_MAX_SAMPLES = 100  # per run of one pair
+PATH_MIN_GAP = 0.05  # seconds between two samples of one pair: at most 20 a second
+PATH_MAX_RATE = 2000.0  # samples a second on average over every pair of a config
 
 
 class ConfigError(Exception):
@@ -38,6 +44,11 @@ class TargetKind(StrEnum):
     HTTP = "http"
     TCP = "tcp"
     TLS = "tls"
+
+
+class PathMethod(StrEnum):
+    TCP = "tcp"  # SYN -> SYN-ACK to the target's port; through a proxy, its CONNECT reply
+    ICMP = "icmp"  # echo request -> reply; direct and source_address routes only
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +125,15 @@ class HttpCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class PathCheck:
+    """Multi-sample path quality (DESIGN.md "Path quality"): `samples` spread evenly over `spread` seconds."""
+
+    samples: int
+    spread: float
+    method: PathMethod = PathMethod.TCP
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
     name: str
     kind: TargetKind
@@ -129,6 +149,7 @@ class Target:
     dnssec: bool = False  # validate the answer chain (DNSSEC) for this name
     dns_reply_window: float = DEFAULT_DNS_REPLY_WINDOW  # UDP: keep listening this long after the first reply
     group: str | None = None  # endpoints serving the same content (mirrors, regions) share a group
+    path: PathCheck | None = None  # multi-sample loss and jitter; None: no path sampling
 
     @property
     def uses_tls(self) -> bool:
@@ -161,6 +182,7 @@ class Config:
     canaries: tuple[str, ...] = ()
     bogons: tuple[str, ...] | None = None
     path: str | None = None
+    timezone: str | None = None  # IANA name of the vantage's local time; None: the host's
     _targets_by_name: dict[str, Target] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import zoneinfo
 from typing import Any
 
 from probe.config.checks import kind_of
@@ -13,7 +14,7 @@ from probe.config.network import NetworkChecks
 from probe.config.targets import DEFAULTABLE, TargetChecks
 from probe.config.values import parse_hostport
 
-_TOP_KEYS = {"vantage", "listen", "defaults", "resolvers", "canaries", "bogons", "routes", "targets"}
+_TOP_KEYS = {"vantage", "listen", "defaults", "resolvers", "canaries", "bogons", "routes", "targets", "timezone"}
 
 
 class Validator(TargetChecks, NetworkChecks):
@@ -43,6 +44,8 @@ class Validator(TargetChecks, NetworkChecks):
         defaults_raw = top.get("defaults")
         defaults = {} if defaults_raw is None else self.mapping(defaults_raw, "defaults", DEFAULTABLE) or {}
         targets = self.targets(top.get("targets"), defaults, routes, resolvers)
+        self.path_rate(targets)
+        timezone = self.timezone(top.get("timezone"))
         if self.problems:
             return None
         return Config(
@@ -54,7 +57,21 @@ class Validator(TargetChecks, NetworkChecks):
             canaries=canaries,
             bogons=bogons,
             path=source,
+            timezone=timezone,
         )
+
+    def timezone(self, raw: Any) -> str | None:
+        if raw is None:
+            return None
+        name = self.typed(raw, "timezone", str, "a time zone name like Asia/Shanghai")
+        if name is None:
+            return None
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            self.fail("timezone", f"unknown time zone {name!r} (an IANA name like Asia/Shanghai or UTC)")
+            return None
+        return name
 
     def ip_list(self, raw: Any, path: str) -> tuple[str, ...]:
         if raw is None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from probe.config.checks import Checks, kind_of
+from probe.config.checks import kind_of
 from probe.config.model import (
     DEFAULT_DOWNLOAD_MAX_BYTES,
     DEFAULT_INTERVAL,
@@ -21,12 +21,13 @@ from probe.config.model import (
     Target,
     TargetKind,
 )
+from probe.config.path import PathChecks
 from probe.config.values import parse_hostport
 
 _TARGET_KEYS = {
     "name", "url", "address", "tls", "server_name", "expect", "method", "headers",
     "max_body_bytes", "follow_redirects", "download", "routes", "resolvers",
-    "interval", "timeout", "ca_file", "dnssec", "dns_reply_window", "group",
+    "interval", "timeout", "ca_file", "dnssec", "dns_reply_window", "group", "path",
 }
 DEFAULTABLE = _TARGET_KEYS - {"name", "url", "address", "group"}
 _EXPECT_KEYS = {"status", "body_contains", "body_regex", "headers"}
@@ -34,7 +35,7 @@ _DOWNLOAD_KEYS = {"url", "min_bytes_per_second", "max_bytes"}
 
 
 
-class TargetChecks(Checks):
+class TargetChecks(PathChecks):
     def targets(
         self,
         raw: Any,
@@ -48,7 +49,7 @@ class TargetChecks(Checks):
         if isinstance(raw, list) and not raw:
             self.fail("targets", "empty: list at least one target")
             return ()
-        ctx = (defaults, {r.name for r in routes}, tuple(r.name for r in resolvers))
+        ctx = (defaults, {r.name: r for r in routes}, tuple(r.name for r in resolvers))
         return tuple(self.named_list(raw, "targets", lambda t, p: self.target(t, p, *ctx)))
 
     def target(
@@ -56,7 +57,7 @@ class TargetChecks(Checks):
         raw: Any,
         path: str,
         defaults: Mapping[str, Any],
-        route_names: set[str],
+        known_routes: dict[str, Route],
         resolver_names: tuple[str, ...],
     ) -> Target | None:
         m = self.mapping(raw, path, _TARGET_KEYS)
@@ -159,7 +160,11 @@ class TargetChecks(Checks):
             if group is not None:
                 kwargs["group"] = group
         routes_raw, routes_path = get("routes", ["direct"])
-        kwargs["routes"] = self.references(routes_raw, routes_path, set(route_names), "route")
+        kwargs["routes"] = self.references(routes_raw, routes_path, set(known_routes), "route")
+        path_raw, path_path = get("path")
+        if path_raw is not None:
+            chosen = tuple(known_routes[r] for r in kwargs["routes"])
+            kwargs["path"] = self.path_check(path_raw, path_path, interval, timeout, chosen)
         res_raw, res_path = get("resolvers")
         if res_raw is None:
             kwargs["resolvers"] = resolver_names
