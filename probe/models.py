@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -59,6 +60,13 @@ class Phase(StrEnum):
     TLS = "tls"
     PROCESSING = "processing"
     TRANSFER = "transfer"
+
+
+class PathMethod(StrEnum):
+    """How path samples are sent (config `path.method`)."""
+
+    TCP = "tcp"  # SYN -> SYN-ACK to the target's port; through a proxy, its CONNECT reply
+    ICMP = "icmp"  # echo request -> reply; direct and source_address routes only
 
 
 class Deadline:
@@ -136,6 +144,7 @@ class ProbeResult:
     dns: tuple[DnsResult, ...] = ()
     evidence: tuple[str, ...] = ()
     error: str | None = None
+    path: PathResult | None = None  # the pair's latest path sampling run, where `path` is configured
 
     @property
     def blocked(self) -> bool:
@@ -166,7 +175,64 @@ class ProbeResult:
             "dns": [d.to_json() for d in self.dns],
             "evidence": list(self.evidence),
             "error": self.error,
+            "path": self.path.to_json() if self.path is not None else None,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class PathResult:
+    """One path sampling run of one (target, route): `sent` samples, `lost` of them unanswered.
+
+    `rtts` are the answered samples' round-trip times in the order they were sent. Samples that
+    failed here (a local error) are neither sent nor lost: `error` says why.
+    """
+
+    target: str
+    route: str
+    method: PathMethod
+    started_at: float  # unix seconds
+    sent: int
+    lost: int
+    rtts: tuple[float, ...] = ()
+    error: str | None = None
+    evidence: tuple[str, ...] = ()
+
+    @property
+    def loss(self) -> float | None:
+        """Return lost / sent; None when nothing was sent."""
+        return self.lost / self.sent if self.sent else None
+
+    def rtt(self, stat: str) -> float | None:
+        """Return `min`, `p50`, `p90` or `max` of the answered samples (nearest rank); None without answers."""
+        if not self.rtts:
+            return None
+        ordered = sorted(self.rtts)
+        rank = {"min": 0.0, "p50": 0.5, "p90": 0.9, "max": 1.0}[stat]
+        return ordered[max(0, math.ceil(rank * len(ordered)) - 1)]
+
+    @property
+    def jitter(self) -> float | None:
+        """Return the mean absolute difference of consecutive RTTs (RFC 3550's idea, unsmoothed); None below two."""
+        r = self.rtts
+        if len(r) < 2:
+            return None
+        return sum(abs(b - a) for a, b in zip(r, r[1:], strict=False)) / (len(r) - 1)
+
+    def to_json(self) -> dict[str, object]:
+        """Return the DESIGN.md JSON form."""
+        return {
+            "method": str(self.method),
+            "sent": self.sent,
+            "lost": self.lost,
+            "rtt_seconds": {s: _round(self.rtt(s)) for s in PATH_STATS},
+            "jitter_seconds": _round(self.jitter),
+            "started_at": round(self.started_at, 3),
+            "evidence": list(self.evidence),
+            "error": self.error,
+        }
+
+
+PATH_STATS = ("min", "p50", "p90", "max")
 
 
 def _ordered(phases: Mapping[Phase, float]) -> list[tuple[Phase, float]]:

@@ -10,6 +10,7 @@ from probe.config.model import (
     DEFAULT_LISTEN,
     DEFAULT_TIMEOUT,
     DIRECT_ROUTE,
+    PATH_SAMPLE_DEADLINE,
     SYSTEM_RESOLVER,
     Config,
     ConfigError,
@@ -17,7 +18,6 @@ from probe.config.model import (
     Expect,
     HttpCheck,
     PathCheck,
-    PathMethod,
     Proxy,
     Resolver,
     ResolverType,
@@ -27,11 +27,11 @@ from probe.config.model import (
     is_ip,
 )
 from probe.config.values import parse_duration, parse_hostport, parse_proxy, parse_shard
+from probe.models import PathMethod
 
 __all__ = [
-    "DEFAULT_INTERVAL", "DEFAULT_LISTEN", "DEFAULT_TIMEOUT", "DIRECT_ROUTE", "MAX_CONFIG_BYTES", "SYSTEM_RESOLVER",
-    "Config", "ConfigError", "Download", "Expect", "HttpCheck", "PathCheck", "PathMethod", "Proxy", "Resolver",
-    "ResolverType", "Route",
-    "Target", "TargetKind", "is_ip", "load", "loads", "parse_duration", "parse_hostport", "parse_proxy",
-    "parse_shard",
+    "DEFAULT_INTERVAL", "DEFAULT_LISTEN", "DEFAULT_TIMEOUT", "DIRECT_ROUTE", "MAX_CONFIG_BYTES",
+    "PATH_SAMPLE_DEADLINE", "SYSTEM_RESOLVER", "Config", "ConfigError", "Download", "Expect", "HttpCheck",
+    "PathCheck", "PathMethod", "Proxy", "Resolver", "ResolverType", "Route", "Target", "TargetKind", "is_ip", "load",
+    "loads", "parse_duration", "parse_hostport", "parse_proxy", "parse_shard",
 ]

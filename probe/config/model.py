@@ -9,6 +9,8 @@ import zlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from probe.models import PathMethod
+
 NAME_RE = re.compile(r"^[a-z0-9_.-]+$")
 DEFAULT_LISTEN = "0.0.0.0:9516"
 DEFAULT_INTERVAL = 30.0
@@ -44,11 +46,6 @@ class TargetKind(StrEnum):
     HTTP = "http"
     TCP = "tcp"
     TLS = "tls"
-
-
-class PathMethod(StrEnum):
-    TCP = "tcp"  # SYN -> SYN-ACK to the target's port; through a proxy, its CONNECT reply
-    ICMP = "icmp"  # echo request -> reply; direct and source_address routes only
 
 
 @dataclass(frozen=True, slots=True)
