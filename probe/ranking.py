@@ -2,10 +2,13 @@
 
 The rule, as an operator checks it by hand from /api/routes (README "Route ranking"):
 
-  score = p90 x (1 + 4 x failure share) + seconds per MiB + tier offset, lower is better.
+  score = (p90 + path p90) x (1 + 4 x failure share + 6 x path loss) + seconds per MiB + tier offset,
+  lower is better.
   p90 is the 90th-percentile request time (the sum of the phases) of the successful runs
   among the last WINDOW, the target's timeout when none succeeded; the failure share counts
-  every failed run of the window (blocked, refused, timed out: lost); seconds per MiB is
+  every failed run of the window (blocked, refused, timed out: lost); where `path` is
+  configured, path loss is the share of the last PATH_WINDOW sampling runs' samples that went
+  unanswered and path p90 the median of those runs' p90 RTTs (both 0 without sampling); seconds per MiB is
   1048576 / the median download throughput, 0 without a download; the tier offset is 0
   for a working route, 1000 for one never probed, 2000 for a failing one, 3000 for a
   blocked one. Rank 1 moves only when the route holding it stops working or a challenger
@@ -18,18 +21,24 @@ else failing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from array import array
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from probe.models import BLOCKED_OUTCOMES, Outcome, ProbeResult
+from probe.models import BLOCKED_OUTCOMES, Outcome, PathResult, ProbeResult
 
 WINDOW = 20  # runs per (target, route) that the score looks at
 MAX_FAILURE_SHARE = 0.25  # more failed runs than this in the window: not working
 FAILURE_WEIGHT = 4.0  # one failed run in 20 costs as much as a 20% slower route
+# One lost path sample in 20 costs as much as a 30% slower route: 10% loss (x1.6) outweighs a
+# 20% latency edge even past the 20% switch margin (1.2 / 1.6 = 0.75 < 0.8).
+LOSS_WEIGHT = 6.0
+PATH_WINDOW = 5  # path sampling runs per (target, route) that the score looks at
 MIB = 1024 * 1024
 SWITCH_RATIO = 0.2  # a challenger must score this much lower than the current best...
 SWITCH_SECONDS = 0.010  # ...and at least this much lower, to take rank 1 from a working route
@@ -67,6 +76,8 @@ class RouteStats:
     last_outcome: Outcome | None = None
     last_duration_seconds: float | None = None
     last_failure: Outcome | None = None  # the outcome of the latest failed run in the window
+    path_loss: float | None = None  # share of the recent path samples unanswered; None without sampling
+    path_p90_seconds: float | None = None  # median p90 RTT of the recent path sampling runs
 
     @property
     def failure_share(self) -> float:
@@ -158,6 +169,49 @@ class History:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class PathStats:
+    """What the last PATH_WINDOW path sampling runs of one (target, route) say."""
+
+    sent: int
+    lost: int
+    p90_seconds: float | None  # median of the runs' p90 RTTs; None when no sample was answered
+
+    @property
+    def loss(self) -> float | None:
+        """Return lost / sent; None before a sample was sent."""
+        return self.lost / self.sent if self.sent else None
+
+
+class PathHistory:
+    """One pair's path sampling: the latest run, totals since configured, and the ranking's window."""
+
+    __slots__ = ("latest", "lost_total", "sent_total", "_window")
+
+    def __init__(self) -> None:
+        self.latest: PathResult | None = None
+        self.sent_total = 0
+        self.lost_total = 0
+        self._window: deque[tuple[int, int, float | None]] = deque(maxlen=PATH_WINDOW)  # (sent, lost, p90)
+
+    def append(self, result: PathResult) -> None:
+        """Count a run in and keep it as the latest."""
+        self.latest = result
+        self.sent_total += result.sent
+        self.lost_total += result.lost
+        if result.sent:  # a run that sent nothing (a local fault) says nothing about the path
+            self._window.append((result.sent, result.lost, result.rtt("p90")))
+
+    def stats(self) -> PathStats:
+        """Return the window's loss and p90."""
+        p90s = [p for _, _, p in self._window if p is not None]
+        return PathStats(
+            sent=sum(s for s, _, _ in self._window),
+            lost=sum(lost for _, lost, _ in self._window),
+            p90_seconds=statistics.median(p90s) if p90s else None,
+        )
+
+
 def summarize(history: Sequence[ProbeResult] | History) -> RouteStats:
     """Return the statistics of the last WINDOW runs of `history` (oldest first)."""
     if not isinstance(history, History):
@@ -176,13 +230,15 @@ def p90(ordered: Sequence[float]) -> float:
 
 
 def score(stats: RouteStats, timeout: float) -> float:
-    """Return p90 x (1 + 4 x failure share) + seconds per MiB + the tier offset; lower is better."""
+    """Return (p90 + path p90) x (1 + 4 x failure share + 6 x path loss) + s/MiB + the tier offset; lower is better."""
     if stats.runs == 0:
         return stats.tier.offset
     latency = stats.latency_seconds if stats.latency_seconds is not None else timeout
+    latency += stats.path_p90_seconds or 0.0
+    penalty = 1.0 + FAILURE_WEIGHT * stats.failure_share + LOSS_WEIGHT * (stats.path_loss or 0.0)
     rate = stats.throughput_bytes_per_second
     per_mib = MIB / rate if rate else 0.0
-    return stats.tier.offset + min(latency * (1.0 + FAILURE_WEIGHT * stats.failure_share) + per_mib, TIER_WIDTH - 1.0)
+    return stats.tier.offset + min(latency * penalty + per_mib, TIER_WIDTH - 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +249,7 @@ class Candidate:
     route: str
     history: Sequence[ProbeResult] | History
     timeout: float
+    path: PathStats | None = None  # the pair's path sampling, where configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +294,8 @@ class Ranked:
             "throughput_bytes_per_second": _round(s.throughput_bytes_per_second),
             "last_outcome": str(s.last_outcome) if s.last_outcome is not None else None,
         }
+        if s.path_loss is not None:  # only where path sampling is configured and ran
+            doc |= {"path_loss": _round(s.path_loss), "path_p90_seconds": _round(s.path_p90_seconds)}
         return doc
 
 
@@ -245,7 +304,7 @@ def rank(candidates: Sequence[Candidate], leader: Key | None = None) -> list[Ran
 
     Ties keep the order of `candidates` (config order).
     """
-    scored = [(c, summarize(c.history)) for c in candidates]
+    scored = [(c, _with_path(summarize(c.history), c.path)) for c in candidates]
     order = sorted(
         ((score(stats, c.timeout), i, c, stats) for i, (c, stats) in enumerate(scored)),
         key=lambda item: (item[0], item[1]),
@@ -258,6 +317,12 @@ def rank(candidates: Sequence[Candidate], leader: Key | None = None) -> list[Ran
     return [
         Ranked(c.target, c.route, n, s, stats) for n, (s, _, c, stats) in enumerate(order, start=1)
     ]
+
+
+def _with_path(stats: RouteStats, path: PathStats | None) -> RouteStats:
+    if path is None or path.loss is None:
+        return stats
+    return dataclasses.replace(stats, path_loss=path.loss, path_p90_seconds=path.p90_seconds)
 
 
 def _beats(challenger: float, leader: float) -> bool:

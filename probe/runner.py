@@ -19,7 +19,7 @@ from probe.config import Config, Route, Target
 from probe.context import ProbeContext
 from probe.dns import judge
 from probe.models import Deadline, DnsResult, Outcome, ProbeResult
-from probe.probers import PROBERS
+from probe.probers import PROBERS, path
 
 ProbeFn = Callable[[Target, Route, ProbeContext], Awaitable[ProbeResult]]
 DnsFn = Callable[[Target, Deadline, ProbeContext], Awaitable[tuple[DnsResult, ...]]]
@@ -75,14 +75,19 @@ async def run_round(
     limit: asyncio.Semaphore | None = None,
     probe_fn: ProbeFn = run_probe,
     dns_fn: DnsFn = check_dns,
+    sample_paths: bool = False,
 ) -> list[ProbeResult]:
     """Probe every chosen (target, route) once, each target's DNS check first; results in config order.
 
     Each result carries its target's DNS results of this round. `limit` bounds how many
     probes and checks run at once (the scheduler passes its own, so a round shares its bound).
+    With `sample_paths` (`probe once`, `probe routes`), pairs with `path` also run one path
+    sampling run alongside, outside `limit`, and carry it in `path`.
     """
     chosen = list(targets if targets is not None else config.targets)
     bound = limit if limit is not None else asyncio.Semaphore(DEFAULT_ROUND_CONCURRENCY)
+    pairs = [(t, r) for t in chosen for r in t.routes if routes is None or r in routes] if sample_paths else []
+    paths = asyncio.ensure_future(path.run_pairs(config, ctx, pairs))
 
     async def one_target(target: Target) -> list[ProbeResult]:
         names = [r for r in target.routes if routes is None or r in routes]
@@ -103,5 +108,9 @@ async def run_round(
 
         return list(await asyncio.gather(*(one(r) for r in names)))
 
-    per_target = await asyncio.gather(*(one_target(t) for t in chosen))
-    return [r for results in per_target for r in results]
+    try:
+        per_target = await asyncio.gather(*(one_target(t) for t in chosen))
+    except BaseException:
+        paths.cancel()
+        raise
+    return path.attach([r for results in per_target for r in results], await paths)

@@ -24,9 +24,12 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from probe.config import Config, Route, Target
 from probe.context import ProbeContext
-from probe.models import DnsResult, ProbeResult
+from probe.models import DnsResult, PathResult, ProbeResult
+from probe.probers.path import run as sample_path
 from probe.runner import DnsFn, ProbeFn, check_dns, guarded_dns, guarded_probe, run_probe, run_round
 from probe.store import ResultStore
+
+PathFn = Callable[[Target, Route, ProbeContext], Awaitable[PathResult]]
 
 DEFAULT_CONCURRENCY = 256
 # Runs start on a 50 ms grid: the pairs whose places in the interval fall in one slot start
@@ -43,6 +46,11 @@ _planned_at: ContextVar[float | None] = ContextVar("planned_at", default=None)
 def probe_job_id(target: str, route: str) -> str:
     """Return the job id of one (target, route) probe."""
     return f"probe:{target}:{route}"
+
+
+def path_job_id(target: str, route: str) -> str:
+    """Return the job id of one (target, route)'s path sampling."""
+    return f"path:{target}:{route}"
 
 
 def dns_job_id(target: str) -> str:
@@ -157,6 +165,7 @@ class Scheduler:
         *,
         probe_fn: ProbeFn | None = None,
         dns_fn: DnsFn | None = None,
+        path_fn: PathFn | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -165,6 +174,7 @@ class Scheduler:
         self.store = store
         self._probe_fn = probe_fn or run_probe
         self._dns_fn = dns_fn or check_dns
+        self._path_fn = path_fn or sample_path
         self.concurrency = concurrency
         self._limit = asyncio.Semaphore(concurrency)
         self._executor = _TaskExecutor()
@@ -254,6 +264,23 @@ class Scheduler:
         self.store.record(result)
         log.debug("%s/%s: %s in %.3f s", target.name, route_name, result.outcome, result.duration_seconds)
 
+    async def _run_path(self, target_name: str, route_name: str) -> None:
+        # Outside the probe semaphore: a run lasts `spread` and holds one socket per sample in
+        # flight; the config caps the samples a second (PATH_MAX_RATE), not a slot count.
+        config, ctx = self.config, self.ctx
+        target = _find_target(config, target_name)
+        if target is None or target.path is None or route_name not in target.routes:
+            return
+        self._record_lag()
+        started = time.time()
+        try:
+            result = await self._path_fn(target, config.route(route_name), ctx)
+        except Exception as e:  # a sampler bug: an error of this run, never loss
+            log.exception("%s/%s: path sampling raised", target.name, route_name)
+            result = PathResult(target.name, route_name, target.path.method, started, 0, 0,
+                                error=f"{type(e).__name__}: {e}")
+        self.store.record_path(result)
+
     async def _run_dns(self, target_name: str) -> None:
         config, ctx = self.config, self.ctx
         target = _find_target(config, target_name)
@@ -304,6 +331,8 @@ class Scheduler:
         for t in config.targets:
             for r in t.routes:
                 jobs[probe_job_id(t.name, r)] = _JobSpec(t.interval, self._run_pair, (t.name, r))
+                if t.path is not None:
+                    jobs[path_job_id(t.name, r)] = _JobSpec(t.interval, self._run_path, (t.name, r))
             if t.needs_dns:
                 jobs[dns_job_id(t.name)] = _JobSpec(t.interval, self._run_dns, (t.name,))
         return jobs

@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 
 from probe import ranking
 from probe.config import Config, Target
-from probe.models import DnsResult, Outcome, Phase, ProbeResult
-from probe.ranking import Candidate, History, Ranked
+from probe.models import DnsResult, Outcome, PathResult, Phase, ProbeResult
+from probe.ranking import Candidate, History, PathHistory, Ranked
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -136,6 +136,8 @@ class ResultStore:
         self._route_leaders: dict[str, str] = {}  # target -> the route holding rank 1
         self._group_leaders: dict[str, Pair] = {}  # group -> the (target, route) holding rank 1
         self._dns: dict[str, tuple[DnsResult, ...]] = {}
+        self._path: dict[Pair, PathHistory] = {}  # pairs with path sampling configured and run
+        self._path_pairs = _path_pairs(config)
         self.lag = Histogram()
         self.reload_successful = True
         self.last_reload_success = clock()
@@ -163,6 +165,21 @@ class ResultStore:
         self._dns[target_name] = tuple(results)
         return True
 
+    def record_path(self, result: PathResult) -> bool:
+        """Keep a path sampling run as its pair's latest, count it in and re-rank; False if not configured."""
+        pair = (result.target, result.route)
+        if pair not in self._path_pairs:
+            return False
+        history = self._path.get(pair)
+        if history is None:
+            history = self._path[pair] = PathHistory()
+        history.append(result)
+        state = self._state.get(pair)
+        if state is not None:
+            state.memo = None  # the route score may change
+        self._update_leaders(self.config.target(result.target))
+        return True
+
     def observe_lag(self, seconds: float) -> None:
         """Record how late a scheduled probe started."""
         self.lag.observe(max(0.0, seconds))
@@ -171,12 +188,17 @@ class ResultStore:
 
     def retain(self, config: Config) -> None:
         """Adopt `config` and drop every series of targets, routes and resolvers it no longer has."""
+        old_paths = {t.name: t.path for t in self.config.targets}
+        changed = {t.name for t in config.targets if t.path != old_paths.get(t.name, t.path)}
         self.config = config
         self._pairs = _pairs(config)
         self._targets = frozenset(t.name for t in config.targets)
         self._groups = _groups(config)
         for pair in [p for p in self._state if p not in self._pairs]:
             del self._state[pair]
+        self._path_pairs = _path_pairs(config)
+        for pair in [p for p in self._path if p not in self._path_pairs or p[0] in changed]:
+            del self._path[pair]  # switched off, or other samples (method, count): its series start afresh
         for state in self._state.values():
             state.memo = None  # a timeout may have changed, and with it the score
         self._ranked.clear()  # timeouts, routes and groups may have changed
@@ -222,6 +244,10 @@ class ResultStore:
         state = self._state.get((target, route))
         return History() if state is None else state.history.copy()
 
+    def path(self, target: str, route: str) -> PathHistory | None:
+        """Return what is kept of one pair's path sampling (latest run, totals); None before its first run."""
+        return self._path.get((target, route))
+
     def dns(self, target: str) -> tuple[DnsResult, ...]:
         """Return the latest DNS check of a target; () when none ran yet."""
         return self._dns.get(target, ())
@@ -237,7 +263,7 @@ class ResultStore:
         return None if state is None else state.histogram(phase)
 
     def results(self) -> list[ProbeResult]:
-        """Return the latest results in config order, `dns` filled from the target's latest check."""
+        """Return the latest results in config order, `dns` from the target's latest check, `path` from its pair's."""
         out = []
         for target in self.config.targets:
             dns = self._dns.get(target.name)
@@ -245,7 +271,11 @@ class ResultStore:
                 result = self.latest(target.name, route)
                 if result is None:
                     continue
-                out.append(result if dns is None else dataclasses.replace(result, dns=dns))
+                if dns is not None:
+                    result = dataclasses.replace(result, dns=dns)
+                if (path := self._path.get((target.name, route))) is not None:
+                    result = dataclasses.replace(result, path=path.latest)
+                out.append(result)
         return out
 
     def ranking(self, config: Config | None = None) -> dict[str, list[Ranked]]:
@@ -287,7 +317,7 @@ class ResultStore:
     def _candidates(self, targets: Sequence[Target]) -> list[Candidate]:
         return [
             Candidate(t.name, route, state.history if (state := self._state.get((t.name, route))) else _NO_RUNS,
-                      t.timeout)
+                      t.timeout, path.stats() if (path := self._path.get((t.name, route))) else None)
             for t in targets
             for route in t.routes
         ]
@@ -322,6 +352,10 @@ def _groups(config: Config) -> dict[str, list[Target]]:
         if t.group is not None:
             out.setdefault(t.group, []).append(t)
     return out
+
+
+def _path_pairs(config: Config) -> frozenset[Pair]:
+    return frozenset((t.name, r) for t in config.targets if t.path is not None for r in t.routes)
 
 
 def _pairs(config: Config) -> frozenset[Pair]:

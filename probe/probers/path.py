@@ -10,13 +10,14 @@ retransmission timeout (and a sample whose SYN was retransmitted anyway counts a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from probe.classify import describe
-from probe.config import PATH_SAMPLE_DEADLINE, Route, Target
+from probe.config import PATH_SAMPLE_DEADLINE, Config, Route, Target
 from probe.context import ProbeContext
-from probe.models import Deadline, PathMethod, PathResult
+from probe.models import Deadline, PathMethod, PathResult, ProbeResult
 from probe.net import sample
 from probe.probers.common import resolve
 from probe.trace import Trace
@@ -96,3 +97,19 @@ async def run(target: Target, route: Route, ctx: ProbeContext, *, wait: float | 
     if lost:
         evidence.append(f"{lost} of {sent} samples to {address}:{target.port} unanswered within {wait * 1000:.0f} ms")
     return PathResult(target.name, route.name, check.method, started, sent, lost, tuple(rtts), error, tuple(evidence))
+
+
+async def run_pairs(
+    config: Config, ctx: ProbeContext, pairs: Sequence[tuple[Target, str]]
+) -> dict[tuple[str, str], PathResult]:
+    """Sample the path of every pair whose target has `path`, all at once (`probe once`)."""
+    chosen = [(t, r) for t, r in pairs if t.path is not None]
+    done = await asyncio.gather(*(run(t, config.route(r), ctx) for t, r in chosen))
+    return {(p.target, p.route): p for p in done}
+
+
+def attach(results: Sequence[ProbeResult], paths: dict[tuple[str, str], PathResult]) -> list[ProbeResult]:
+    """Return `results` with each pair's path run in `path`."""
+    return [
+        dataclasses.replace(r, path=p) if (p := paths.get((r.target, r.route))) is not None else r for r in results
+    ]
