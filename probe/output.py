@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TextIO
 
-from probe.models import Outcome, ProbeResult
+from probe.models import Outcome, PathResult, ProbeResult
 from probe.ranking import Ranked, Tier
 
 _GREEN, _RED, _YELLOW, _DIM, _RESET = "\033[32m", "\033[31m", "\033[33m", "\033[2m", "\033[0m"
@@ -43,13 +43,15 @@ class Progress:
 
 def results_table(results: Sequence[ProbeResult], *, color: bool) -> str:
     """Return the results as an aligned table, one (target, route) a row, then a summary."""
-    header = ("TARGET", "ROUTE", "OUTCOME", "TIME", "ADDRESS", "DETAIL")
+    sampled = any(r.path is not None for r in results)  # LOSS and P50 only where path sampling ran
+    header = ("TARGET", "ROUTE", "OUTCOME", "TIME", *(("LOSS", "P50") if sampled else ()), "ADDRESS", "DETAIL")
     rows = [
         (
             r.target,
             r.route,
             str(r.outcome) + (" (blocked)" if r.blocked else ""),
             f"{r.duration_seconds * 1000:.0f} ms",
+            *(_path_cells(r.path) if sampled else ()),
             r.address or "-",
             _detail(r),
         )
@@ -106,6 +108,16 @@ def ranking_table(
                 group_colors.append(_TIER_COLORS.get(r.tier))
         lines += ["", *_align([group_header, *group_rows], group_colors if color else None, colored=3)]
     return "\n".join(lines) + "\n"
+
+
+def _path_cells(path: PathResult | None) -> tuple[str, str]:
+    """Return the LOSS cell (lost/sent and the share) and the P50 cell of a path run."""
+    if path is None:
+        return "-", "-"
+    if not path.sent:
+        return "error", "-"
+    p50 = path.rtt("p50")
+    return f"{path.lost}/{path.sent} {path.lost / path.sent:.0%}", "-" if p50 is None else f"{p50 * 1000:.1f} ms"
 
 
 def _ms(seconds: float) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from typing import Any
@@ -204,3 +205,49 @@ def test_the_score_adds_path_p90_and_weighs_loss() -> None:
     assert (doc["path_loss"], doc["path_p90_seconds"]) == (0.1, 0.05)
     (plain,) = ranking.rank([Candidate("t", "x", ok_runs(0.1), 10.0)])
     assert plain.score == pytest.approx(0.1) and "path_loss" not in plain.to_json()
+
+
+# --- metrics and the table ---------------------------------------------------------------
+
+
+def test_path_series_only_where_configured() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from probe.exporter.metrics import render
+
+    cfg = make_config()
+    store = ResultStore(cfg)
+    store.record_path(path_result("sampled", "direct", (0.010, 0.030, 0.020), lost=1))
+    samples = {
+        (s.name, s.labels.get("target"), s.labels.get("route"), s.labels.get("stat")): s.value
+        for family in text_string_to_metric_families(render(store, cfg).decode())
+        for s in family.samples
+        if s.name.startswith("probe_path_")
+    }
+    assert samples == {
+        ("probe_path_sent_total", "sampled", "direct", None): 4.0,
+        ("probe_path_lost_total", "sampled", "direct", None): 1.0,
+        ("probe_path_sent_total", "sampled", "lo2", None): 0.0,  # configured, not yet run: counters from 0
+        ("probe_path_lost_total", "sampled", "lo2", None): 0.0,
+        ("probe_path_rtt_seconds", "sampled", "direct", "min"): 0.010,
+        ("probe_path_rtt_seconds", "sampled", "direct", "p50"): 0.020,
+        ("probe_path_rtt_seconds", "sampled", "direct", "p90"): 0.030,
+        ("probe_path_rtt_seconds", "sampled", "direct", "max"): 0.030,
+        ("probe_path_jitter_seconds", "sampled", "direct", None): pytest.approx(0.015),
+    }
+
+
+def test_the_once_table_has_loss_and_p50_when_a_path_ran() -> None:
+    from probe.output import results_table
+
+    probe = ProbeResult("sampled", "direct", Outcome.OK, 0.0, 0.01, {Phase.CONNECT: 0.01}, address="127.0.0.1")
+    lossy = dataclasses.replace(probe, path=path_result("sampled", "direct", (0.010, 0.0125, 0.020), lost=1))
+    failed = dataclasses.replace(probe, route="lo2", path=PathResult("sampled", "lo2", PathMethod.TCP, 0.0, 0, 0,
+                                                                     error="cannot send from 127.0.0.2"))
+    plain = dataclasses.replace(probe, target="plain")
+    lines = results_table([lossy, failed, plain], color=False).splitlines()
+    assert lines[0].split() == ["TARGET", "ROUTE", "OUTCOME", "TIME", "LOSS", "P50", "ADDRESS", "DETAIL"]
+    assert lines[1].split()[5:9] == ["1/4", "25%", "12.5", "ms"]
+    assert lines[2].split()[5:7] == ["error", "-"]
+    assert lines[3].split()[5:7] == ["-", "-"]
+    assert "LOSS" not in results_table([plain], color=False)

@@ -23,7 +23,7 @@ from prometheus_client.core import (
 
 from probe.config import Config, Target, TargetKind
 from probe.exporter.exposition import render_pairs
-from probe.models import Outcome, Phase
+from probe.models import PATH_STATS, Outcome, Phase
 from probe.store import Histogram, ResultStore
 
 PAIR_LABELS = ("vantage", "target", "route")
@@ -98,6 +98,7 @@ def _other_families(
     store: ResultStore, config: Config, targets: Sequence[Target], target: str | None
 ) -> list[Metric]:
     out = _dns_families(store, config.vantage, targets)
+    out += _path_families(store, config.vantage, targets)
     if target is None:
         out += _group_families(store, config)
         out += _prober_families(store, config.vantage)
@@ -208,6 +209,36 @@ def _dns_families(store: ResultStore, vantage: str, targets: Sequence[Target]) -
             if result.consistent is not None:
                 consistent.add_metric(labels, float(result.consistent))
     return [lookup, consistent, replies, outcome]
+
+
+def _path_families(store: ResultStore, vantage: str, targets: Sequence[Target]) -> list[Metric]:
+    """Path sampling series, only for pairs whose target has `path` (README "Path quality")."""
+    sent = CounterMetricFamily("probe_path_sent_total", "Path samples sent.", labels=list(PAIR_LABELS))
+    lost = CounterMetricFamily(
+        "probe_path_lost_total", "Path samples unanswered within their deadline.", labels=list(PAIR_LABELS)
+    )
+    rtt = _gauge("probe_path_rtt_seconds", "Round-trip time of the last path sampling run's answered samples.",
+                 ("stat",))
+    jitter = _gauge(
+        "probe_path_jitter_seconds", "Mean absolute difference of consecutive RTTs of the last path sampling run."
+    )
+    for target in targets:
+        if target.path is None:
+            continue
+        for route in target.routes:
+            labels = [vantage, target.name, route]
+            history = store.path(target.name, route)
+            sent.add_metric(labels, history.sent_total if history else 0)
+            lost.add_metric(labels, history.lost_total if history else 0)
+            latest = history.latest if history else None
+            if latest is None:
+                continue
+            for stat in PATH_STATS:
+                if (value := latest.rtt(stat)) is not None:
+                    rtt.add_metric([*labels, stat], value)
+            if (j := latest.jitter) is not None:
+                jitter.add_metric(labels, j)
+    return [sent, lost, rtt, jitter]
 
 
 def _group_families(store: ResultStore, config: Config) -> list[Metric]:
