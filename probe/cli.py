@@ -124,6 +124,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_USAGE
     store = ResultStore(cfg)
     for r in results:
+        if r.path is not None:
+            store.record_path(r.path)
         store.record(r)
         store.record_dns(r.target, r.dns)
     routes, groups = store.ranking(cfg), store.group_ranking(cfg)

@@ -11,8 +11,9 @@ The rule, as an operator checks it by hand from /api/routes (README "Route ranki
   unanswered and path p90 the median of those runs' p90 RTTs (both 0 without sampling); seconds per MiB is
   1048576 / the median download throughput, 0 without a download; the tier offset is 0
   for a working route, 1000 for one never probed, 2000 for a failing one, 3000 for a
-  blocked one. Rank 1 moves only when the route holding it stops working or a challenger
-  scores at least SWITCH_RATIO lower and SWITCH_SECONDS lower.
+  blocked one. Rank 1 moves only when the route holding it stops working, a challenger
+  scores at least SWITCH_RATIO lower and SWITCH_SECONDS lower, or a better-scoring challenger
+  loses at least SWITCH_LOSS less of its path samples.
 
 A route is working when its last run succeeded and at most MAX_FAILURE_SHARE of its
 window failed; otherwise it is blocked if its latest failure was an interference class,
@@ -42,6 +43,7 @@ PATH_WINDOW = 5  # path sampling runs per (target, route) that the score looks a
 MIB = 1024 * 1024
 SWITCH_RATIO = 0.2  # a challenger must score this much lower than the current best...
 SWITCH_SECONDS = 0.010  # ...and at least this much lower, to take rank 1 from a working route
+SWITCH_LOSS = 0.05  # or lose this much less of its path samples: loss is not noise to ride out
 TIER_WIDTH = 1000.0  # tier offsets are multiples of this; latency is capped below it
 
 Key = tuple[str, str]  # (target, route)
@@ -311,7 +313,7 @@ def rank(candidates: Sequence[Candidate], leader: Key | None = None) -> list[Ran
     )
     if leader is not None and order:
         held = next((item for item in order if (item[2].target, item[2].route) == leader), None)
-        if held is not None and held[3].tier is Tier.WORKING and not _beats(order[0][0], held[0]):
+        if held is not None and held[3].tier is Tier.WORKING and not _beats(order[0][3], held[3], order[0][0], held[0]):
             order.remove(held)
             order.insert(0, held)
     return [
@@ -325,8 +327,11 @@ def _with_path(stats: RouteStats, path: PathStats | None) -> RouteStats:
     return dataclasses.replace(stats, path_loss=path.loss, path_p90_seconds=path.p90_seconds)
 
 
-def _beats(challenger: float, leader: float) -> bool:
-    return challenger <= leader * (1.0 - SWITCH_RATIO) and leader - challenger >= SWITCH_SECONDS
+def _beats(challenger: RouteStats, leader: RouteStats, challenger_score: float, leader_score: float) -> bool:
+    if challenger_score <= leader_score * (1.0 - SWITCH_RATIO) and leader_score - challenger_score >= SWITCH_SECONDS:
+        return True
+    lossier = (leader.path_loss or 0.0) - (challenger.path_loss or 0.0) >= SWITCH_LOSS - 1e-9  # 0.15 - 0.1 < 0.05
+    return lossier and challenger_score < leader_score
 
 
 def leader_of(ranked: Sequence[Ranked]) -> Key | None:

@@ -1,4 +1,4 @@
-"""Fixtures shared by several test modules: a throwaway CA and its PEM file."""
+"""Fixtures shared by several test modules: a throwaway CA and its PEM file; the interference lab."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 import trustme
+
+# The lab is built once per session and shared by every lab module (tests/test_lab*.py): a
+# fixture imported into two modules would be two session fixtures, two labs with one set of names.
+from tests.lab.world import env, lab  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from tests.lab import world
 from tests.lab.net import VANTAGE_IP, Border
 from tests.lab.world import (
     BLACKHOLE,
@@ -43,7 +42,7 @@ from tests.lab.world import (
     sni,
 )
 
-lab, env = world.lab, world.env  # the fixtures
+# The fixtures `lab` and `env` come from tests/conftest.py (tests/lab/world.py).
 
 
 # ---- one interference, one outcome -------------------------------------------------------

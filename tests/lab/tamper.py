@@ -1,6 +1,7 @@
 """NFQUEUE programs of the border router that hold, drop or answer TCP packets.
 
     python -m tests.lab.tamper delay --queue 1 --ms 40          # hold every queued packet 40 ms
+    python -m tests.lab.tamper jitter --queue 1 --min-ms 10 --max-ms 70   # hold each a uniform random time
     python -m tests.lab.tamper inject-rst --queue 4 --trigger x.example   # on-path RSTs, packet goes on
     python -m tests.lab.tamper residual --queue 2 --trigger x.example --seconds 3   # reset, then block the triple
     python -m tests.lab.tamper blockpage --queue 3              # answer a queued request with a block page
@@ -11,6 +12,7 @@ The iptables rule decides which packets reach the queue; these programs decide w
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 
@@ -32,6 +34,19 @@ def delay(args: argparse.Namespace) -> None:
 
     def on_packet(pkt: Packet) -> None:
         loop.later(seconds, pkt.accept)
+
+    loop = QueueLoop(args.queue, on_packet, args.max_seconds, realtime=True)
+    loop.run()
+
+
+def jitter(args: argparse.Namespace) -> None:
+    """Hold each queued packet a time drawn uniformly from [--min-ms, --max-ms] (netem's jitter, without netem)."""
+    draw = random.Random(args.seed).uniform
+    low, high = args.min_ms / 1000.0, args.max_ms / 1000.0
+    loop: QueueLoop
+
+    def on_packet(pkt: Packet) -> None:
+        loop.later(draw(low, high), pkt.accept)
 
     loop = QueueLoop(args.queue, on_packet, args.max_seconds, realtime=True)
     loop.run()
@@ -130,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("delay")
     common_arguments(p)
     p.add_argument("--ms", type=float, required=True)
+    p = sub.add_parser("jitter")
+    common_arguments(p)
+    p.add_argument("--min-ms", type=float, required=True)
+    p.add_argument("--max-ms", type=float, required=True)
+    p.add_argument("--seed", type=int, default=15)
     p = sub.add_parser("inject-rst")
     common_arguments(p)
     p.add_argument("--trigger", required=True, help="bytes (e.g. a server name) that trigger the resets")
@@ -142,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     common_arguments(p)
     p.add_argument("--status", type=int, default=200)
     args = parser.parse_args(argv)
-    {"delay": delay, "inject-rst": inject_rst, "residual": residual, "blockpage": blockpage}[args.program](args)
+    programs = {"delay": delay, "jitter": jitter, "inject-rst": inject_rst, "residual": residual,
+                "blockpage": blockpage}
+    programs[args.program](args)
     return 0
 
 
