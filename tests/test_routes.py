@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from probe import config
 from probe.context import ProbeContext
-from probe.exporter.metrics import render
 from probe.exporter.api import routes_json
+from probe.exporter.metrics import render
 from probe.models import Outcome, Phase, ProbeResult
 from probe.runner import run_probe
 from probe.store import ResultStore
