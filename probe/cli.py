@@ -170,7 +170,8 @@ async def _round(
     total = sum(1 for t in chosen for r in t.routes if routes is None or r in routes)
     progress = Progress(total, sys.stderr) if show_progress and sys.stderr.isatty() else None
     try:
-        return await run_round(cfg, ctx, chosen, routes, on_result=progress.update if progress else None)
+        return await run_round(cfg, ctx, chosen, routes, on_result=progress.update if progress else None,
+                               sample_paths=True)
     finally:
         if progress:
             progress.done()
