@@ -152,6 +152,20 @@ INVALID: list[tuple[str, list[str]]] = [
         ],
     ),
     (
+        "invalid-locate-not-boolean.yml",
+        [
+            "defaults.locate: must be true or false, not a string",
+            "targets[1].locate: must be true or false, not a number",
+        ],
+    ),
+    (
+        "invalid-locate-nothing-to-repeat.yml",
+        [
+            "targets[0].locate: nothing to localise: a plain TCP target with an IP address sends no DNS query, "
+            "ClientHello or request",
+        ],
+    ),
+    (
         "invalid-type-string-for-boolean.yml",
         [
             "resolvers[0].control: must be true or false, not a string",
@@ -595,3 +609,16 @@ def test_parse_hostport_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError) as info:
         config.parse_hostport(text)
     assert str(info.value) == message
+
+
+def test_locate_is_off_by_default_and_set_per_target_or_in_defaults(tmp_path: Path) -> None:
+    cfg = load_text(
+        tmp_path,
+        "defaults: {locate: true}\n"
+        "targets:\n"
+        "  - {name: a, url: 'https://x.example/'}\n"
+        "  - {name: b, address: 'gw.example:22', locate: false}\n"
+        "  - {name: c, address: '198.51.100.20:22'}\n",  # from defaults: allowed, it just never applies
+    )
+    assert [t.locate for t in cfg.targets] == [True, False, True]
+    assert load_text(tmp_path, "targets:\n  - {name: a, url: 'https://x.example/'}\n").targets[0].locate is False

@@ -147,6 +147,7 @@ class Target:
     dns_reply_window: float = DEFAULT_DNS_REPLY_WINDOW  # UDP: keep listening this long after the first reply
     group: str | None = None  # endpoints serving the same content (mirrors, regions) share a group
     path: PathCheck | None = None  # multi-sample loss and jitter; None: no path sampling
+    locate: bool = False  # find the censor's hop after a run blocked at the DNS, TLS or HTTP stage
 
     @property
     def uses_tls(self) -> bool:

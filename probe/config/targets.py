@@ -20,6 +20,7 @@ from probe.config.model import (
     Route,
     Target,
     TargetKind,
+    is_ip,
 )
 from probe.config.path import PathChecks
 from probe.config.values import parse_hostport
@@ -27,7 +28,7 @@ from probe.config.values import parse_hostport
 _TARGET_KEYS = {
     "name", "url", "address", "tls", "server_name", "expect", "method", "headers",
     "max_body_bytes", "follow_redirects", "download", "routes", "resolvers",
-    "interval", "timeout", "ca_file", "dnssec", "dns_reply_window", "group", "path",
+    "interval", "timeout", "ca_file", "dnssec", "dns_reply_window", "group", "path", "locate",
 }
 DEFAULTABLE = _TARGET_KEYS - {"name", "url", "address", "group"}
 _EXPECT_KEYS = {"status", "body_contains", "body_regex", "headers"}
@@ -159,6 +160,13 @@ class TargetChecks(PathChecks):
             group = self.name(m["group"], f"{path}.group")
             if group is not None:
                 kwargs["group"] = group
+        locate_raw, locate_path = get("locate", False)
+        if self.typed(locate_raw, locate_path, bool, "true or false") is not None:
+            # A plain TCP connect to an address sends nothing a censor could be found by.
+            if locate_raw and "locate" in m and kind is TargetKind.TCP and not self.is_name(host):
+                self.fail(locate_path, "nothing to localise: a plain TCP target with an IP address sends no DNS "
+                          "query, ClientHello or request")
+            kwargs["locate"] = locate_raw
         routes_raw, routes_path = get("routes", ["direct"])
         kwargs["routes"] = self.references(routes_raw, routes_path, set(known_routes), "route")
         path_raw, path_path = get("path")
@@ -176,6 +184,10 @@ class TargetChecks(PathChecks):
         if kind is TargetKind.HTTP:
             kwargs["http"] = HttpCheck(**http_kwargs)
         return Target(name=name, kind=kind, host=host, port=port, **kwargs)
+
+    @staticmethod
+    def is_name(host: str) -> bool:
+        return bool(host) and not is_ip(host)
 
     def http_url(self, url: str, path: str) -> tuple[str, int] | None:
         parts = urlsplit(url)
