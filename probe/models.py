@@ -128,6 +128,58 @@ class TlsInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Injector:
+    """What the forged packet of a censor looked like, as it arrived at the vantage (a fingerprint)."""
+
+    kind: str  # "rst" (a TCP reset), "fin" (a close), "data" (a forged answer: block page, DNS reply)
+    after_seconds: float  # from sending the trigger to its arrival
+    ip_ttl: int | None = None  # None: not captured (the capture needs CAP_NET_RAW)
+    ip_id: int | None = None
+    tcp_window: int | None = None
+    tcp_flags: str | None = None  # e.g. "RA": one letter per flag, as tcpdump writes them
+    payload_bytes: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """Return the DESIGN.md JSON form."""
+        return {
+            "kind": self.kind, "ip_ttl": self.ip_ttl, "ip_id": self.ip_id, "tcp_window": self.tcp_window,
+            "tcp_flags": self.tcp_flags, "payload_bytes": self.payload_bytes,
+            "after_seconds": _round(self.after_seconds),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Localisation:
+    """Where on the path the interference happens: the censor's hop, the routers, the injector's fingerprint.
+
+    `hop` is set only when the evidence proves it; `deferred` says why no localisation ran yet.
+    """
+
+    hop: int | None = None
+    hops: tuple[str | None, ...] = ()  # router per TTL (from ICMP time-exceeded); None: silent
+    injector: Injector | None = None
+    evidence: tuple[str, ...] = ()
+    deferred: str | None = None
+    packets: int = 0  # packets sent by the localisation
+    duration_seconds: float = 0.0
+    finished_at: float = 0.0  # unix seconds
+
+    def to_json(self) -> dict[str, object]:
+        """Return the DESIGN.md JSON form: `{"deferred": why}` or `{hop, hops, injector, evidence, ...}`."""
+        if self.deferred is not None:
+            return {"deferred": self.deferred, "evidence": list(self.evidence)}
+        return {
+            "hop": self.hop,
+            "hops": list(self.hops),
+            "injector": self.injector.to_json() if self.injector else None,
+            "evidence": list(self.evidence),
+            "packets": self.packets,
+            "duration_seconds": _round(self.duration_seconds),
+            "finished_at": round(self.finished_at, 3),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ProbeResult:
     """The result of one probe of one target over one route."""
 
@@ -145,6 +197,7 @@ class ProbeResult:
     evidence: tuple[str, ...] = ()
     error: str | None = None
     path: PathResult | None = None  # the pair's latest path sampling run, where `path` is configured
+    locate: Localisation | None = None  # the pair's latest localisation (kept until the next one)
 
     @property
     def blocked(self) -> bool:
@@ -157,8 +210,8 @@ class ProbeResult:
         return self.outcome is Outcome.OK
 
     def to_json(self) -> dict[str, object]:
-        """Return the DESIGN.md JSON form."""
-        return {
+        """Return the DESIGN.md JSON form (`locate` only where a localisation ran or was deferred)."""
+        out: dict[str, object] = {
             "target": self.target,
             "route": self.route,
             "outcome": str(self.outcome),
@@ -177,6 +230,9 @@ class ProbeResult:
             "error": self.error,
             "path": self.path.to_json() if self.path is not None else None,
         }
+        if self.locate is not None:
+            out["locate"] = self.locate.to_json()
+        return out
 
 
 @dataclass(frozen=True, slots=True)
