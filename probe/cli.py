@@ -163,6 +163,7 @@ def _select(cfg: config.Config, wanted: list[str] | None, known: list[str], what
 async def _round(
     cfg: config.Config, targets: list[config.Target] | None, routes: list[str] | None, *, show_progress: bool
 ) -> list[ProbeResult]:
+    from probe.locate import Locator
     from probe.runner import run_round
 
     ctx = ProbeContext(cfg)
@@ -170,8 +171,10 @@ async def _round(
     total = sum(1 for t in chosen for r in t.routes if routes is None or r in routes)
     progress = Progress(total, sys.stderr) if show_progress and sys.stderr.isatty() else None
     try:
+        # `once` does not wait minutes for a residual block to lift: it says `deferred` instead.
+        locator = Locator(wait_residual=False)
         return await run_round(cfg, ctx, chosen, routes, on_result=progress.update if progress else None,
-                               sample_paths=True)
+                               sample_paths=True, locator=locator)
     finally:
         if progress:
             progress.done()

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from probe.config import Config, Route, Target
 from probe.context import ProbeContext
 from probe.dns import judge
+from probe.locate import Locator
 from probe.models import Deadline, DnsResult, Outcome, ProbeResult
 from probe.probers import PROBERS, path
 
@@ -76,6 +77,7 @@ async def run_round(
     probe_fn: ProbeFn = run_probe,
     dns_fn: DnsFn = check_dns,
     sample_paths: bool = False,
+    locator: Locator | None = None,
 ) -> list[ProbeResult]:
     """Probe every chosen (target, route) once, each target's DNS check first; results in config order.
 
@@ -83,6 +85,7 @@ async def run_round(
     probes and checks run at once (the scheduler passes its own, so a round shares its bound).
     With `sample_paths` (`probe once`, `probe routes`), pairs with `path` also run one path
     sampling run alongside, outside `limit`, and carry it in `path`.
+    With `locator`, the results blocked where a localisation applies get one, after the round.
     """
     chosen = list(targets if targets is not None else config.targets)
     bound = limit if limit is not None else asyncio.Semaphore(DEFAULT_ROUND_CONCURRENCY)
@@ -113,4 +116,5 @@ async def run_round(
     except BaseException:
         paths.cancel()
         raise
-    return path.attach([r for results in per_target for r in results], await paths)
+    results = path.attach([r for chunk in per_target for r in chunk], await paths)
+    return results if locator is None else await locator.attach(results, config, ctx)

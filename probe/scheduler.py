@@ -24,6 +24,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from probe.config import Config, Route, Target
 from probe.context import ProbeContext
+from probe.locate import Locator
 from probe.models import DnsResult, PathResult, ProbeResult
 from probe.probers.path import run as sample_path
 from probe.runner import DnsFn, ProbeFn, check_dns, guarded_dns, guarded_probe, run_probe, run_round
@@ -168,6 +169,7 @@ class Scheduler:
         path_fn: PathFn | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         wall_clock: Callable[[], float] = time.time,
+        locator: Locator | None = None,
     ) -> None:
         self.config = config
         self.ctx = ctx
@@ -188,6 +190,9 @@ class Scheduler:
         self._wall_clock = wall_clock
         self._clock_watch: asyncio.Task[None] | None = None
         self.clock_steps = 0
+        # Localisations after a block (probe/locate); the service passes one that outlives reloads.
+        self.locator = locator or Locator(wait_residual=True)
+        self._locating: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._sync(config)
 
     # --- lifecycle ------------------------------------------------------------------
@@ -208,7 +213,9 @@ class Scheduler:
             self._aps.shutdown(wait=False)
             while self._aps.running:  # AsyncIOScheduler stops in a loop callback
                 await asyncio.sleep(0)
-        tasks = self._executor.cancel_all()
+        tasks = self._executor.cancel_all() + list(self._locating.values())
+        for task in self._locating.values():
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def apply(self, config: Config, ctx: ProbeContext | None = None) -> JobChanges:
@@ -258,11 +265,30 @@ class Scheduler:
         target = _find_target(config, target_name)
         if target is None or route_name not in target.routes:
             return
+        if (target_name, route_name) in self._locating:
+            return  # its localisation runs or waits out a residual block, which a probe would renew
         async with self._limit:
             self._record_lag()
             result = await self._probe(target, config.route(route_name), ctx)
         self.store.record(result)
         log.debug("%s/%s: %s in %.3f s", target.name, route_name, result.outcome, result.duration_seconds)
+        if self.locator.wanted(target, result):
+            self._start_locate(target, config.route(route_name), result)
+
+    def _start_locate(self, target: Target, route: Route, result: ProbeResult) -> None:
+        pair = (target.name, route.name)
+        if not result.dns:  # the DNS check runs as its own job: its latest says which resolver saw forgeries
+            result = dataclasses.replace(result, dns=self.store.dns(target.name))
+
+        async def run() -> None:
+            found = await self.locator.locate(target, route, result, self.config, self.ctx)
+            self.store.record_locate(target.name, route.name, found)
+            log.info("%s/%s: localisation: hop %s (%s)", target.name, route.name, found.hop,
+                     found.deferred or "; ".join(found.evidence[:1]))
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"locate:{target.name}:{route.name}")
+        self._locating[pair] = task
+        task.add_done_callback(lambda _: self._locating.pop(pair, None))
 
     async def _run_path(self, target_name: str, route_name: str) -> None:
         # Outside the probe semaphore: a run lasts `spread` and holds one socket per sample in

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from probe import ranking
 from probe.config import Config, Target
-from probe.models import DnsResult, Outcome, PathResult, Phase, ProbeResult
+from probe.models import DnsResult, Localisation, Outcome, PathResult, Phase, ProbeResult
 from probe.ranking import Candidate, History, PathHistory, Ranked
 
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -138,6 +138,7 @@ class ResultStore:
         self._dns: dict[str, tuple[DnsResult, ...]] = {}
         self._path: dict[Pair, PathHistory] = {}  # pairs with path sampling configured and run
         self._path_pairs = _path_pairs(config)
+        self._located: dict[Pair, Localisation] = {}  # kept until the pair's next localisation
         self.lag = Histogram()
         self.reload_successful = True
         self.last_reload_success = clock()
@@ -180,6 +181,13 @@ class ResultStore:
         self._update_leaders(self.config.target(result.target))
         return True
 
+    def record_locate(self, target: str, route: str, found: Localisation) -> bool:
+        """Keep `found` as the pair's localisation; return False if the pair is no longer configured."""
+        if (target, route) not in self._pairs:
+            return False
+        self._located[(target, route)] = found
+        return True
+
     def observe_lag(self, seconds: float) -> None:
         """Record how late a scheduled probe started."""
         self.lag.observe(max(0.0, seconds))
@@ -199,6 +207,7 @@ class ResultStore:
         self._path_pairs = _path_pairs(config)
         for pair in [p for p in self._path if p not in self._path_pairs or p[0] in changed]:
             del self._path[pair]  # switched off, or other samples (method, count): its series start afresh
+        self._located = {p: found for p, found in self._located.items() if p in self._pairs}
         for state in self._state.values():
             state.memo = None  # a timeout may have changed, and with it the score
         self._ranked.clear()  # timeouts, routes and groups may have changed
@@ -252,6 +261,13 @@ class ResultStore:
         """Return the latest DNS check of a target; () when none ran yet."""
         return self._dns.get(target, ())
 
+    def localisation(self, target: str, route: str) -> Localisation | None:
+        """Return the pair's latest localisation (recorded by itself or with a result), None if none ran."""
+        found = self._located.get((target, route))
+        if found is None and (state := self._state.get((target, route))) is not None:
+            found = state.latest.locate
+        return found
+
     def runs(self, target: str, route: str) -> dict[Outcome, int]:
         """Return the run count per outcome of one pair (outcomes never seen are absent)."""
         state = self._state.get((target, route))
@@ -275,6 +291,8 @@ class ResultStore:
                     result = dataclasses.replace(result, dns=dns)
                 if (path := self._path.get((target.name, route))) is not None:
                     result = dataclasses.replace(result, path=path.latest)
+                if (found := self._located.get((target.name, route))) is not None:
+                    result = dataclasses.replace(result, locate=found)
                 out.append(result)
         return out
 

@@ -99,6 +99,7 @@ def _other_families(
 ) -> list[Metric]:
     out = _dns_families(store, config.vantage, targets)
     out += _path_families(store, config.vantage, targets)
+    out += _locate_families(store, config.vantage, targets)
     if target is None:
         out += _group_families(store, config)
         out += _prober_families(store, config.vantage)
@@ -239,6 +240,21 @@ def _path_families(store: ResultStore, vantage: str, targets: Sequence[Target]) 
             if (j := latest.jitter) is not None:
                 jitter.add_metric(labels, j)
     return [sent, lost, rtt, jitter]
+
+
+def _locate_families(store: ResultStore, vantage: str, targets: Sequence[Target]) -> list[Metric]:
+    hop = _gauge(
+        "probe_censor_hop",
+        "Hop count from the vantage at which the last localisation found the interference (only where it did).",
+    )
+    for target in targets:
+        if not target.locate:
+            continue
+        for route in target.routes:
+            found = store.localisation(target.name, route)
+            if found is not None and found.hop is not None:
+                hop.add_metric([vantage, target.name, route], found.hop)
+    return [hop]
 
 
 def _group_families(store: ResultStore, config: Config) -> list[Metric]:
