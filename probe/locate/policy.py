@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -113,7 +114,7 @@ async def _residual(plan: TcpPlan) -> str | None:
     try:
         _reader, writer = await asyncio.wait_for(reader_writer, RESIDUAL_CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as e:
-        why = type(e).__name__ if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        why = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else type(e).__name__
         return (f"{plan.address}:{plan.port} does not answer a fresh connection ({why} after "
                 f"{loop.time() - started:.1f} s): residual blocking after the reset (censors keep blocking the "
                 f"address for 90-180 s); localise once it lifts")

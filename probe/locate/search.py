@@ -123,6 +123,11 @@ async def locate_tcp(plan: TcpPlan) -> Localisation:
                     f"is blocked (residual blocking?); no hop stated")
                 return series.result(None, None)
             if step.event in (ttl.TcpEvent.EXPIRED, ttl.TcpEvent.SILENT):
+                if companion.reached:
+                    series.evidence.append(
+                        f"TTL {n} reached {plan.address} (it answered the datagram) and drew no reset or forged "
+                        f"answer ({plan.what}): nothing on the path acted on this trigger now")
+                    return series.result(None, None)
                 continue
             answered = {"reset": "reset", "closed": "close (FIN)", "answer": "answer"}[str(step.event)]
             if companion.reached or companion.router == plan.address:

@@ -130,13 +130,15 @@ async def udp_step(
     """Send one datagram with IP TTL `ttl`; collect ICMP errors (and replies) for up to `window` seconds.
 
     Without `want_reply` it ends at the first ICMP error; with it, `grace` seconds after the
-    first reply (a router's error and a forged reply can come from one hop in either order).
+    first reply or time-exceeded (a router's error and a forged reply from one hop come about
+    together, in either order), or at once on an unreachable.
     """
     loop = asyncio.get_running_loop()
     family = family_of(address)
     level, ttl_option, recverr = _levels(family)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     errors: list[IcmpError] = []
+    first_error_at: list[float] = []
     replies: list[tuple[bytes, int | None, float]] = []
     wake = asyncio.Event()
     try:
@@ -154,6 +156,8 @@ async def udp_step(
         def readable() -> None:
             if len(errors) < MAX_ERRORS_PER_STEP:
                 errors.extend(read_errors(sock))
+                if errors and not first_error_at:
+                    first_error_at.append(loop.time())
             for _ in range(MAX_READS_PER_WAKE):
                 try:
                     data, ancdata, _flags, _addr = sock.recvmsg(4096, 256, socket.MSG_DONTWAIT)
@@ -178,8 +182,10 @@ async def udp_step(
                     end = min(end, replies[0][2] + grace)
                 elif errors and not want_reply:
                     break
-                elif errors and want_reply and not errors[0].expired:
+                elif errors and not errors[0].expired:
                     break  # unreachable: no reply will come
+                elif first_error_at:  # a forger at the hop that dropped the query answers about as fast
+                    end = min(end, first_error_at[0] + max(grace, 0.5 * (first_error_at[0] - sent)))
         finally:
             loop.remove_reader(sock.fileno())
     finally:
