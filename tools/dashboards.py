@@ -127,6 +127,26 @@ def overview() -> db.Dashboard:
         .cell_options(common.TableColoredBackgroundCellOptions())
         .height(8).span(12)
     )
+    board = board.with_panel(
+        table.Panel().title("Censor hop (last localisation)").datasource(DS)
+        .description(
+            "For targets with `locate: true`: the hop count from the vantage at which the last localisation saw "
+            "the reset or forged answer (probe_censor_hop); 'not localised' where none found a hop. Compare "
+            "vantages and routes: one hop for every target of a province is a provincial firewall, a hop just "
+            "before the international link the national one. The routers of each hop, the injector's fingerprint "
+            "(IP TTL and ID, TCP window and flags, payload, time after the trigger) and the evidence are in "
+            "results[].locate of the vantage's GET /api/results. README: Localisation."
+        )
+        .with_target(q(
+            f"max by (vantage, target, route) (probe_censor_hop{{{PAIR}}}) "
+            f"or max by (vantage, target, route) (probe_success{{{PAIR}}}) * 0",
+            instant=True, table_format=True,
+        ))
+        .with_transformation(transform("organize", excludeByName={"Time": True}, renameByName={"Value": "hop"},
+                                       indexByName={"vantage": 0, "target": 1, "route": 2, "Value": 3}))
+        .mappings([dm.ValueMap(options={"0": dm.ValueMappingResult(text="not localised", index=0)})])
+        .height(8).span(24)
+    )
     return board
 
 
