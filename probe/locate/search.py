@@ -21,7 +21,7 @@ from probe.models import Injector, Localisation
 
 MAX_HOPS = 30
 PACKET_CAP = 160  # packets one localisation may send, all steps and companions included
-TIME_BUDGET = 8.0  # seconds one TTL series may take, whatever the path does
+TIME_BUDGET = 15.0  # seconds one TTL series may take, whatever the path does
 MIN_WINDOW, MAX_WINDOW = 0.15, 1.0  # how long a step waits for an answer
 TRACE_PORT = 33434  # the companion datagrams go to 33434 + TTL, as traceroute's do
 
