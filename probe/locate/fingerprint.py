@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from probe.models import Injector
@@ -91,7 +92,7 @@ class Capture:
             seen = parse(packet, self.peer, self.peer_port, self.proto)
             if seen is not None:
                 self.seen.append(Seen(seen.local_port, seen.ip_ttl, seen.ip_id, seen.flags, seen.window,
-                                      seen.payload_bytes, self._loop.time()))
+                                      seen.payload_bytes, time.monotonic()))
 
     def first(self, local_port: int | None = None, *, reset: bool = False) -> Seen | None:
         """Return the first packet (to `local_port`; with `reset`, the first carrying RST)."""

@@ -62,8 +62,7 @@ def _grace(rtt: float | None) -> float:
 
 class _Series:
     def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.started, self.wall = self.loop.time(), time.time()
+        self.started = time.monotonic()
         self.hops: list[str | None] = []
         self.packets = 0
         self.evidence: list[str] = []
@@ -71,7 +70,7 @@ class _Series:
     def over_budget(self, next_cost: int) -> str | None:
         if self.packets + next_cost > PACKET_CAP:
             return f"stopped at the packet cap ({self.packets} of {PACKET_CAP} packets sent)"
-        if self.loop.time() - self.started > TIME_BUDGET:
+        if time.monotonic() - self.started > TIME_BUDGET:
             return f"stopped at the time budget ({TIME_BUDGET:g} s)"
         return None
 
@@ -80,7 +79,7 @@ class _Series:
         self.evidence.append(f"{routers} of {len(self.hops)} hops answered time-exceeded; {self.packets} packets sent")
         return Localisation(
             hop=hop, hops=tuple(self.hops), injector=injector, evidence=tuple(self.evidence), packets=self.packets,
-            duration_seconds=self.loop.time() - self.started, finished_at=time.time(),
+            duration_seconds=time.monotonic() - self.started, finished_at=time.time(),
         )
 
 

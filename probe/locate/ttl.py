@@ -4,6 +4,9 @@ No raw socket: the kernel hands a UDP socket the ICMP errors its datagrams cause
 router's address) through its error queue once IP_RECVERR is set. A TCP socket gets only the
 error number (EHOSTUNREACH, no address; Linux queues no TCP errors), so a TCP step runs beside
 a UDP datagram of the same TTL to the same address, which names the router.
+
+Times come from time.monotonic(), not loop.time(): uvloop's clock has millisecond steps, and a
+forged reset arrives within a millisecond on a short path.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import errno
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -157,7 +161,7 @@ async def udp_step(
             if len(errors) < MAX_ERRORS_PER_STEP:
                 errors.extend(read_errors(sock))
                 if errors and not first_error_at:
-                    first_error_at.append(loop.time())
+                    first_error_at.append(time.monotonic())
             for _ in range(MAX_READS_PER_WAKE):
                 try:
                     data, ancdata, _flags, _addr = sock.recvmsg(4096, 256, socket.MSG_DONTWAIT)
@@ -166,15 +170,15 @@ async def udp_step(
                 except OSError:  # the error the queued ICMP also set on the socket
                     continue
                 if len(replies) < MAX_READS_PER_WAKE:
-                    replies.append((data, _received_ttl(ancdata), loop.time()))
+                    replies.append((data, _received_ttl(ancdata), time.monotonic()))
             wake.set()
 
         loop.add_reader(sock.fileno(), readable)
-        sent = loop.time()
+        sent = time.monotonic()
         sock.send(payload)
         end = sent + window
         try:
-            while (remaining := end - loop.time()) > 0:
+            while (remaining := end - time.monotonic()) > 0:
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), remaining)
@@ -228,33 +232,33 @@ async def tcp_step(
         if source is not None:
             sock.bind((source, 0))
         sock.setsockopt(level, recverr, 1)  # an ICMP error then reaches recv() at once, not at the timeout
-        started = loop.time()
+        started = time.monotonic()
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (address, port)), connect_timeout)
         except (OSError, TimeoutError) as e:
             error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             return TcpStep(ttl, TcpEvent.CONNECT_FAILED, packets=_segments_out(sock, default=1), error=error)
-        connected_in = loop.time() - started
+        connected_in = time.monotonic() - started
         local_port = sock.getsockname()[1]
         sock.setsockopt(level, ttl_option, ttl)
-        sent = loop.time()
+        sent = time.monotonic()
         sock.send(payload)
         end = sent + window
-        while (remaining := end - loop.time()) > 0:
+        while (remaining := end - time.monotonic()) > 0:
             try:
                 data = await asyncio.wait_for(loop.sock_recv(sock, 65536), remaining)
             except TimeoutError:
                 break
             except ConnectionResetError:
-                event, after = TcpEvent.RESET, loop.time() - sent
+                event, after = TcpEvent.RESET, time.monotonic() - sent
                 break
             except OSError as e:
                 if e.errno not in _UNREACHABLE:
                     raise
                 icmp = True
-                end = min(end, loop.time() + grace)
+                end = min(end, time.monotonic() + grace)
                 continue
-            event, after = (TcpEvent.ANSWER if data else TcpEvent.CLOSED), loop.time() - sent
+            event, after = (TcpEvent.ANSWER if data else TcpEvent.CLOSED), time.monotonic() - sent
             break
         if event is TcpEvent.SILENT and icmp:
             event = TcpEvent.EXPIRED
