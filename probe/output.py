@@ -126,7 +126,7 @@ def _ms(seconds: float) -> str:
 
 def _detail(r: ProbeResult) -> str:
     if r.outcome is not Outcome.OK and r.evidence:
-        return r.evidence[-1]
+        return r.evidence[-1] + _located(r)
     parts = [f"{p} {s * 1000:.0f}" for p, s in r.phases.items()]
     extra = []
     if r.http_status is not None:
@@ -136,6 +136,16 @@ def _detail(r: ProbeResult) -> str:
     if r.throughput_bytes_per_second is not None:
         extra.append(f"{r.throughput_bytes_per_second / 1e6:.2f} MB/s")
     return " ".join(extra + ([f"({', '.join(parts)} ms)"] if parts else []))
+
+
+def _located(r: ProbeResult) -> str:
+    if r.locate is None:
+        return ""
+    if r.locate.deferred is not None:
+        return "; localisation deferred (residual block)"
+    if r.locate.hop is None:
+        return "; censor not localised (see --json)"
+    return f"; censor at hop {r.locate.hop}"
 
 
 def _align(rows: list[tuple[str, ...]], colors: list[str | None] | None, colored: int = 2) -> list[str]:

@@ -278,3 +278,17 @@ async def test_probe_run_localises_in_the_background_and_pauses_the_pair_meanwhi
         "hop": 7, "hops": ["192.0.2.2", None], "injector": None, "evidence": ["reset at TTL 7, none at TTL 6"],
         "packets": 0, "duration_seconds": 0.0, "finished_at": 0.0,
     }
+
+
+def test_the_table_says_where_the_censor_is() -> None:
+    from probe.output import results_table
+
+    def row(found: Localisation | None) -> str:
+        r = ProbeResult("t", "direct", Outcome.TLS_RESET, 0.0, 0.1,
+                        evidence=("connection reset 1 ms after ClientHello",), locate=found)
+        return next(line for line in results_table([r], color=False).splitlines() if "ClientHello" in line)
+
+    assert row(Localisation(hop=4)).endswith("connection reset 1 ms after ClientHello; censor at hop 4")
+    assert row(Localisation()).endswith("; censor not localised (see --json)")
+    assert row(Localisation(deferred="x")).endswith("; localisation deferred (residual block)")
+    assert row(None).endswith("connection reset 1 ms after ClientHello")
