@@ -145,6 +145,31 @@ def test_dns_injector_is_found_at_its_hop(lab: tuple[Chain, str]) -> None:
     assert found["duration_seconds"] < 5
 
 
+def test_dns_injector_copying_the_probes_ttl_gets_no_hop_but_its_range(lab: tuple[Chain, str]) -> None:
+    # At hop 2 it answers with the TTL the query arrived with: the answer to TTL 2 dies on the
+    # way back, the one to TTL 3 arrives with TTL 1 (read without privileges, IP_RECVTTL).
+    lab[0].censor(2, "dns", "--name", "injected.example", "--answer", "203.0.113.99", "--copy-ttl",
+                  match=["-p", "udp", "--dport", "53"])
+    r = result(once(lab, {"name": "d", "url": "https://injected.example/api/ping"}, canaries=(CANARY,)), "d")
+    assert r["outcome"] == "dns_injection", json.dumps(r, indent=1) + lab[0].report()
+    found = r["locate"]
+    assert found["hop"] is None and found["injector"]["ip_ttl"] == 1, json.dumps(found, indent=1)
+    assert any("between hop 2 and hop 3, no hop stated" in line for line in found["evidence"]), found["evidence"]
+
+
+def test_block_page_injector_is_found_at_its_hop(lab: tuple[Chain, str]) -> None:
+    # The request is dropped at hop 5 and a block page forged back: a forged answer, not a reset.
+    lab[0].censor_program(5, "tests.lab.tamper", "blockpage",
+                          match=sni_match("Host: blocked-host.example", port=80))
+    r = result(once(lab, {"name": "b", "url": "http://blocked-host.example/api/ping",
+                          "expect": {"body_contains": "pong"}}), "b")
+    assert r["outcome"] == "http_unexpected", json.dumps(r, indent=1)
+    found = r["locate"]
+    assert (found["hop"], found["hops"]) == (5, routers(5)), json.dumps(found, indent=1)
+    assert found["injector"]["kind"] == "data" and found["injector"]["payload_bytes"] > 0
+    assert found["evidence"][0].startswith("answer at TTL 5, none at TTL 4 (request (Host: blocked-host.example))")
+
+
 def test_target_merely_down_gets_no_localisation(lab: tuple[Chain, str]) -> None:
     r = result(once(lab, {"name": "down", "url": "https://down.example/api/ping"}), "down")
     assert (r["outcome"], r["blocked"]) == ("tcp_refused", False)

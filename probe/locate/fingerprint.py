@@ -18,6 +18,7 @@ from probe.models import Injector
 MAX_KEPT = 64  # packets kept per capture: a flood from the peer cannot grow it
 MAX_READS_PER_WAKE = 256
 _FLAGS = "FSRPAUEC"  # FIN SYN RST PSH ACK URG ECE CWR, the bit order of the TCP flags byte
+_FIN, _RST = 0x01, 0x04
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +91,19 @@ class Capture:
             if len(self.seen) >= MAX_KEPT:
                 continue  # drained, not kept
             seen = parse(packet, self.peer, self.peer_port, self.proto)
-            if seen is not None:
+            # Handshakes and bare ACKs are no answer: only resets, closes and payload are kept.
+            if seen is not None and (seen.window is None or seen.flags & (_RST | _FIN) or seen.payload_bytes):
                 self.seen.append(Seen(seen.local_port, seen.ip_ttl, seen.ip_id, seen.flags, seen.window,
                                       seen.payload_bytes, time.monotonic()))
 
-    def first(self, local_port: int | None = None, *, reset: bool = False) -> Seen | None:
-        """Return the first packet (to `local_port`; with `reset`, the first carrying RST)."""
+    def first(self, local_port: int | None = None, *, kind: str | None = None) -> Seen | None:
+        """Return the first packet kept (to `local_port`; of `kind`: "rst", "fin" or "data")."""
         self._read()
         for s in self.seen:
-            if local_port in (None, s.local_port) and (not reset or s.flags & 0x04):
+            if local_port not in (None, s.local_port):
+                continue
+            if kind is None or (kind == "rst" and s.flags & _RST) or (kind == "fin" and s.flags & _FIN) \
+                    or (kind == "data" and s.payload_bytes):
                 return s
         return None
 

@@ -140,7 +140,7 @@ async def locate_tcp(plan: TcpPlan) -> Localisation:
                     f"reached the server ({plan.what}); no hop stated")
                 return series.result(None, None)
             kind = {"reset": "rst", "closed": "fin", "answer": "data"}[str(step.event)]
-            seen = capture.first(step.local_port, reset=kind == "rst") if capture else None
+            seen = capture.first(step.local_port, kind=kind) if capture else None
             after = step.after or 0.0
             found = fingerprint.injector(kind, after, seen)
             return await _judge_tcp(series, plan, n, answered, found)
