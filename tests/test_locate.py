@@ -292,3 +292,27 @@ def test_the_table_says_where_the_censor_is() -> None:
     assert row(Localisation()).endswith("; censor not localised (see --json)")
     assert row(Localisation(deferred="x")).endswith("; localisation deferred (residual block)")
     assert row(None).endswith("connection reset 1 ms after ClientHello")
+
+
+async def test_at_most_four_series_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = loads("vantage: v\ndefaults: {locate: true}\ntargets:\n"
+                + "".join(f"  - {{name: t{i}, url: 'http://198.51.100.{i}/'}}\n" for i in range(10)))
+    running = peak = 0
+
+    async def series(plan: TcpPlan) -> Localisation:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return Localisation(hop=3)
+
+    async def answers(plan: TcpPlan) -> None:
+        return None
+
+    monkeypatch.setattr("probe.locate.policy.locate_tcp", series)
+    monkeypatch.setattr("probe.locate.policy._residual", answers)
+    results = [blocked(f"t{i}", Outcome.HTTP_RESET, address=f"198.51.100.{i}") for i in range(10)]
+    located = await Locator(wait_residual=False).attach(results, cfg, ProbeContext(cfg))
+    assert [r.locate.hop if r.locate else None for r in located] == [3] * 10
+    assert peak == 4

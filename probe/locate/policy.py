@@ -20,6 +20,7 @@ RATE_SECONDS = 600.0  # at most one localisation per (target, route) in this tim
 RESIDUAL_CONNECT_TIMEOUT = 2.0
 RESIDUAL_RECHECK_SECONDS = 30.0
 RESIDUAL_GIVE_UP_SECONDS = 300.0  # longer than any residual block measured (90-180 s): an address block
+CONCURRENT_SERIES = 4  # TTL series running at once (a whole round of blocked targets does not fire together)
 # Outcomes whose trigger is a packet the monitor can repeat TTL-limited: the ClientHello, the
 # plain-HTTP request, the DNS query. A dropped packet (timeouts) or a TCP-level block has none.
 LOCATABLE = frozenset({Outcome.TLS_RESET, Outcome.HTTP_RESET, Outcome.HTTP_UNEXPECTED, Outcome.DNS_INJECTION})
@@ -43,6 +44,7 @@ class Locator:
         self.wait_residual = wait_residual
         self._clock, self._sleep, self._recheck, self._give_up = clock, sleep, recheck, give_up
         self._last: dict[tuple[str, str], float] = {}
+        self._series = asyncio.Semaphore(CONCURRENT_SERIES)
 
     def wanted(self, target: Target, result: ProbeResult) -> bool:
         """Return whether `result` calls for a localisation (configured, a locatable block, not too soon)."""
@@ -87,7 +89,8 @@ class Locator:
         if isinstance(plan, str):
             return _said(plan)
         if isinstance(plan, DnsPlan):
-            return await locate_dns(plan)
+            async with self._series:
+                return await locate_dns(plan)
         waited = 0.0
         while (blocked := await _residual(plan)) is not None:
             if not self.wait_residual:
@@ -98,7 +101,8 @@ class Locator:
             log.info("%s/%s: waiting out a residual block (%s)", target.name, route.name, blocked)
             await self._sleep(self._recheck)
             waited += self._recheck
-        return await locate_tcp(plan)
+        async with self._series:
+            return await locate_tcp(plan)
 
 
 def _said(line: str) -> Localisation:
