@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from probe.config import Config, ResolverType, Route, Target, is_ip
+from probe.config import Config, ResolverType, Route, Target, TargetKind, is_ip
 from probe.dns.context import DnsContext
 from probe.dns.system import resolv_conf
 from probe.locate import trigger
@@ -25,6 +25,7 @@ CONCURRENT_SERIES = 4  # TTL series running at once (a whole round of blocked ta
 # plain-HTTP request, the DNS query. A dropped packet (timeouts) or a TCP-level block has none.
 LOCATABLE = frozenset({Outcome.TLS_RESET, Outcome.HTTP_RESET, Outcome.HTTP_UNEXPECTED, Outcome.DNS_INJECTION})
 
+_OVER_TCP = frozenset({TargetKind.TCP, TargetKind.TLS, TargetKind.HTTP})  # their ClientHello or request rides TCP
 log = logging.getLogger("probe.locate")
 Plan = TcpPlan | DnsPlan
 
@@ -130,6 +131,9 @@ def plan_for(target: Target, route: Route, result: ProbeResult, config: Config, 
     """Return what to repeat TTL-limited for this blocked result, or why nothing can be."""
     if result.outcome is Outcome.DNS_INJECTION:
         return _dns_plan(target, route, result, config, ctx)
+    if target.kind not in _OVER_TCP:
+        return (f"{result.outcome} of a {target.kind} target: only TCP handshakes, plain-HTTP requests and UDP DNS "
+                f"queries are repeated TTL-limited; not localised")
     if result.address is None or not is_ip(result.address):
         return f"no address to localise toward: the probe did not get as far as one ({result.outcome})"
     source = route.source_address

@@ -121,6 +121,9 @@ async def locate_tcp(plan: TcpPlan) -> Localisation:
                     f"TTL {n}: a fresh connection to {plan.address}:{plan.port} failed ({step.error}): the address "
                     f"is blocked (residual blocking?); no hop stated")
                 return series.result(None, None)
+            if step.event is ttl.TcpEvent.SOCKET_ERROR:
+                series.evidence.append(f"TTL {n}: the socket reported {step.error} after the trigger; no hop stated")
+                return series.result(None, None)
             if step.event in (ttl.TcpEvent.EXPIRED, ttl.TcpEvent.SILENT):
                 if companion.reached:
                     series.evidence.append(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import socket
 import struct
 import time
@@ -42,6 +43,7 @@ class TcpEvent(StrEnum):
     EXPIRED = "expired"  # only an ICMP error: a router dropped the trigger, nothing else came
     SILENT = "silent"
     CONNECT_FAILED = "connect_failed"
+    SOCKET_ERROR = "socket_error"  # the socket reported another error after the trigger (`error` says which)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +256,9 @@ async def tcp_step(
                 break
             except OSError as e:
                 if e.errno not in _UNREACHABLE:
-                    raise
+                    event, after = TcpEvent.SOCKET_ERROR, time.monotonic() - sent
+                    error = os.strerror(e.errno) if e.errno else f"{type(e).__name__}: {e}"
+                    break
                 icmp = True
                 end = min(end, time.monotonic() + grace)
                 continue
