@@ -316,3 +316,25 @@ async def test_at_most_four_series_run_at_once(monkeypatch: pytest.MonkeyPatch) 
     located = await Locator(wait_residual=False).attach(results, cfg, ProbeContext(cfg))
     assert [r.locate.hop if r.locate else None for r in located] == [3] * 10
     assert peak == 4
+
+
+def test_icmpv6_time_exceeded_names_the_router() -> None:
+    offender = struct.pack("=HHI16sI", socket.AF_INET6, 0, 0, socket.inet_pton(socket.AF_INET6, "2001:db8::1"), 0)
+    error = ttl.parse_error(struct.pack("=IBBBBII", 113, ttl.SO_EE_ORIGIN_ICMP6, 3, 0, 0, 0, 0) + offender)
+    assert error == ttl.IcmpError("2001:db8::1", expired=True)
+
+
+async def test_without_cap_net_raw_the_fingerprint_is_skipped_and_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.socket
+
+    def no_raw(family: int = -1, kind: int = -1, proto: int = -1) -> socket.socket:
+        if kind == socket.SOCK_RAW:
+            raise PermissionError(1, "Operation not permitted")
+        return real(family, kind, proto)
+
+    monkeypatch.setattr(socket, "socket", no_raw)
+    capture, why = fingerprint.Capture.open("198.51.100.20", 443, socket.IPPROTO_TCP)
+    assert capture is None
+    assert why == "no fingerprint: reading the forged packet's headers needs CAP_NET_RAW (root)"
+    assert fingerprint.Capture.open("2001:db8::1", 443, socket.IPPROTO_TCP) == (
+        None, "no fingerprint: the capture reads IPv4 headers only")
