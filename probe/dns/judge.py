@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import dns.rdatatype
 
+from probe import debuglog
 from probe.config import Resolver, ResolverType, Target
 from probe.dns import checks as dns_checks
 from probe.dns import lookup as probe_dns
@@ -36,6 +37,11 @@ async def check_target(target: Target, deadline: Deadline, ctx: DnsContext) -> t
     """Judge `target`'s answers through every resolver of the target; one DnsResult per resolver, in config order."""
     if not target.needs_dns:
         return ()
+    with debuglog.section(f"DNS check of {target.host}"):
+        return await _check_target(target, deadline, ctx)
+
+
+async def _check_target(target: Target, deadline: Deadline, ctx: DnsContext) -> tuple[DnsResult, ...]:
     config = ctx.config
     resolvers = [r for r in config.resolvers if r.name in target.resolvers]
     if "system" in target.resolvers and all(r.name != "system" for r in resolvers):
@@ -59,8 +65,40 @@ async def check_target(target: Target, deadline: Deadline, ctx: DnsContext) -> t
         judge.close()
     by_name = {d.resolver: d for d in (*first, *rest)}
     results = tuple(by_name[r.name] for r in resolvers)
+    if (log := debuglog.current()) is not None:
+        _log_verdicts(log, judge, list(seen), results)
     ctx.verdicts.remember(target.host, results, 2 * target.interval + target.timeout, trusted_answers(results, config))
     return results
+
+
+def _log_verdicts(log: debuglog.DebugLog, judge: _Judge, seen: list[_Seen], results: tuple[DnsResult, ...]) -> None:
+    """Record each resolver's verdict and, reply by reply, which answers the controls back and which are forged."""
+    trusted = judge.trusted
+    log.add(f"control answers: {listed(sorted(trusted)) if trusted else 'none'}")
+    for s, result in zip(seen, results, strict=True):
+        log.add(f"{s.label}: verdict {result.outcome}, consistent={result.consistent}, {result.replies} replies")
+        for reply in s.received:
+            log.add(f"  {reply.qtype} reply {described(reply)}: {_judged(reply, trusted, result)}")
+        for line in result.evidence:
+            log.add(f"  evidence: {line}")
+    for canary in judge.canaries:
+        for reply in canary.replies:
+            log.add(f"canary {canary.address}: {reply.qtype} reply {described(reply)}: "
+                    "INJECTED (no DNS server runs there)")
+
+
+def _judged(reply: Reply, trusted: frozenset[str], result: DnsResult) -> str:
+    if reply.misfits:
+        return "FORGED (carries records of the other type)"
+    if not reply.answers:
+        return "no addresses"
+    if not trusted:
+        return "no control answer to compare it with"
+    if set(reply.answers) & trusted:
+        return "genuine (shares the control's answers)"
+    if result.outcome in (Outcome.DNS_INJECTION, Outcome.DNS_MISMATCH):
+        return f"FORGED: counted as {result.outcome} (not the control's answers)"
+    return "not the control's answers (cleared: see the evidence)"
 
 
 # ---- gathering ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 
+from probe import debuglog
 from probe.classify import Stage, classify, describe
 from probe.config import Resolver, ResolverType
 from probe.dns.context import DnsContext
@@ -143,13 +144,33 @@ async def exchange(
     Over UDP the socket stays open `window` seconds after the first reply (never past the
     deadline) and every reply matching the query is kept. A TC reply is returned as is.
     """
+    try:
+        return await _exchange(server, query, deadline, ctx, source, window)
+    except QueryFailed as f:
+        if (log := debuglog.current()) is not None:
+            log.add(f"{server.prefix}: {_asked(query)} failed: {f.what}")
+        raise
+
+
+async def _exchange(
+    server: Server,
+    query: dns.message.QueryMessage,
+    deadline: Deadline,
+    ctx: DnsContext,
+    source: str | None,
+    window: float,
+) -> Exchange:
     started = _now()
     try:
         async with asyncio.timeout_at(deadline.at):
             if server.type in (ResolverType.UDP, ResolverType.SYSTEM):
                 return await _udp(server, query, deadline, window, source)
+            if (log := debuglog.current()) is not None:
+                log.add(f"{server.prefix}: {_asked(query)} sent")
             message = await _send_stream(server, query, deadline.remaining(), ctx, source)
             reply = reply_of(message, query, str(server.type), _source(server), _now() - started)
+            if log is not None:
+                log.add(f"{server.prefix}: reply {reply.shows()}{_ttl(reply)} after {reply.after * 1000:.1f} ms")
             return Exchange(message, (reply,), _now())
     except QueryFailed:
         raise
@@ -286,9 +307,13 @@ async def _collect(
     first: dns.message.Message | None = None
     first_at = 0.0
     unparseable: Exception | None = None
+    log = debuglog.current()
     try:
         sent = _now()
         transport.sendto(query.to_wire())
+        if log is not None:
+            log.add(f"{server.prefix}: {_asked(query)} sent (id {query.id}), listening {window * 1000:.0f} ms "
+                    "after the first reply")
         end = hard_end = sent + deadline.remaining()
         while len(replies) < MAX_UDP_REPLIES and (left := end - _now()) > 0:
             try:
@@ -297,6 +322,8 @@ async def _collect(
             except TimeoutError:
                 break
             if isinstance(item, OSError):
+                if log is not None:
+                    log.add(f"{server.prefix}: ICMP error after {(_now() - sent) * 1000:.1f} ms: {describe(item)}")
                 if icmp_ends and first is None and unparseable is None:
                     raise item
                 continue  # a canary's port unreachable, or an error after a reply: no reply
@@ -305,10 +332,20 @@ async def _collect(
                 message = dns.message.from_wire(data)
             except Exception as e:  # the boundary: the wire parser raises arbitrary types on hostile bytes
                 unparseable = unparseable or e
+                if log is not None:
+                    log.add(f"{server.prefix}: unparseable datagram from {peer} after {(at - sent) * 1000:.1f} ms "
+                            f"({len(data)} bytes): {describe(e)}")
             else:
                 if not query.is_response(message):
+                    if log is not None:
+                        log.add(f"{server.prefix}: datagram from {peer} that does not answer the query: not counted")
                     continue  # not an answer to this query (another ID or question): not counted
-                replies.append(reply_of(message, query, "udp", peer, at - sent))
+                reply = reply_of(message, query, "udp", peer, at - sent)
+                replies.append(reply)
+                if log is not None:
+                    used = " (the first: what a stub resolver uses)" if first is None else ""
+                    log.add(f"{server.prefix}: reply #{len(replies)} from {peer} after {reply.after * 1000:.1f} ms: "
+                            f"{reply.qtype} {reply.shows()}{_ttl(reply)}{used}")
                 if first is None:
                     first, first_at = message, at
             if end == hard_end:  # the first reply: listen on for the window
@@ -381,6 +418,15 @@ def _source(server: Server) -> str:
     if server.type is ResolverType.DOH:
         return urlsplit(server.url).hostname or server.url
     return server.host
+
+
+def _asked(query: dns.message.Message) -> str:
+    q = query.question[0]
+    return f"{dns.rdatatype.to_text(q.rdtype)} query for {q.name.to_text(omit_final_dot=True)}"
+
+
+def _ttl(reply: Reply) -> str:
+    return f", TTL {reply.ttl}" if reply.ttl is not None else ""
 
 
 def _hostport(host: str, port: int) -> str:

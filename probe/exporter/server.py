@@ -9,7 +9,9 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from probe import debuglog
 from probe.config import Config
+from probe.exporter import debugtrace
 from probe.exporter.api import results_json, routes_json
 from probe.exporter.metrics import render_chunks, render_target
 from probe.exporter.webconfig import BasicAuth, WebConfig, auth_middleware
@@ -21,6 +23,7 @@ ENDPOINTS = (
     ("/api/results", "GET", "latest results as JSON"),
     ("/api/routes", "GET", "route ranking per target and per endpoint group as JSON, best first"),
     ("/probe?target=NAME", "GET", "probe one configured target now; its metrics only"),
+    ("/probe?target=NAME&debug=true", "GET", "probe one configured target now; a step-by-step trace as text"),
     ("/-/healthy", "GET", "liveness"),
     ("/-/reload", "POST", "reload the config file"),
 )
@@ -63,6 +66,7 @@ class _Handlers:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self._probing: dict[str, asyncio.Future[list[ProbeResult]]] = {}
+        self._debugging: dict[str, asyncio.Future[str]] = {}
 
     async def _probe_once(self, name: str) -> list[ProbeResult]:
         # Requests for a target already being probed share that probe: hammering /probe cannot
@@ -73,6 +77,23 @@ class _Handlers:
             self._probing[name] = running
             running.add_done_callback(lambda f: self._probing.pop(name, None) if self._probing.get(name) is f else None)
         return await asyncio.shield(running)
+
+    async def _debug_once(self, name: str) -> str:
+        # Like _probe_once, but a probe of its own: one already running without a recorder has no trace.
+        running = self._debugging.get(name)
+        if running is None:
+            running = asyncio.ensure_future(self._debug_probe(name))
+            self._debugging[name] = running
+            running.add_done_callback(
+                lambda f: self._debugging.pop(name, None) if self._debugging.get(name) is f else None)
+        return await asyncio.shield(running)
+
+    async def _debug_probe(self, name: str) -> str:
+        config = self.backend.config
+        log = debuglog.DebugLog(debugtrace.secrets_of(config))
+        with debuglog.recording(log):
+            results = await self.backend.probe_target(name)
+        return debugtrace.render(log, config, config.target(name), results)
 
     async def index(self, request: web.Request) -> web.Response:
         config = self.backend.config
@@ -116,6 +137,8 @@ class _Handlers:
         if not any(t.name == name for t in config.targets):
             # Only configured targets are probed: never an open proxy to arbitrary hosts.
             raise web.HTTPNotFound(text=f"unknown target {name[:100]!r}: not in the config\n")
+        if request.query.get("debug", "").lower() in ("true", "1"):
+            return web.Response(text=await self._debug_once(name), content_type="text/plain")
         results = await self._probe_once(name)
         scratch = ResultStore(config)
         for r in results:

@@ -9,6 +9,7 @@ import socket
 import ssl
 import struct
 
+from probe import debuglog
 from probe.classify import Stage
 from probe.config import Route
 from probe.models import Phase
@@ -233,6 +234,9 @@ async def open_socket(host: str, port: int, route: Route, trace: Trace) -> socke
     """
     trace.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     before = trace.phases.get(Phase.CONNECT, 0.0)
+    if (log := debuglog.current()) is not None:
+        log.add(f"TCP connect to {trace.peer}" + (f" via {route.proxy.redacted()}" if route.proxy else "")
+                + (f" from {route.source_address}" if route.source_address else ""))
     handshake: float | None = None
     with trace.phase(Phase.CONNECT, Stage.CONNECT):
         if route.proxy is not None:
@@ -243,7 +247,17 @@ async def open_socket(host: str, port: int, route: Route, trace: Trace) -> socke
             handshake = kernel_handshake_seconds(sock)
     if handshake is not None:
         trace.phases[Phase.CONNECT] = before + handshake
+    if log is not None:
+        kernel = f" (the kernel's SYN to SYN-ACK: {handshake * 1000:.3f} ms)" if handshake is not None else ""
+        log.add(f"connected: local {_name(sock.getsockname())}, connect phase "
+                f"{(trace.phases[Phase.CONNECT] - before) * 1000:.3f} ms{kernel}")
     return sock
+
+
+def _name(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"[{address[0]}]:{address[1]}" if ":" in str(address[0]) else f"{address[0]}:{address[1]}"
+    return str(address)
 
 
 async def _direct_connect(host: str, port: int, source_address: str | None) -> socket.socket:

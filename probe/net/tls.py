@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING, Any
 
+from probe import debuglog
 from probe.classify import Stage
 from probe.models import Phase, TlsInfo
 from probe.trace import Trace
@@ -43,11 +44,32 @@ class TlsContexts:
 async def start_tls(conn: Connection, context: ssl.SSLContext, server_name: str, trace: Trace) -> TlsInfo:
     """Run the TLS handshake with SNI `server_name`, timing the `tls` phase."""
     trace.sni = server_name
+    if (log := debuglog.current()) is not None:
+        log.add(f"TLS handshake: ClientHello with SNI {server_name}")
     with trace.phase(Phase.TLS, Stage.TLS):
         await conn.start_tls(context, server_name)
     info = tls_info(conn.ssl_object)
     trace.tls = info
+    if log is not None:
+        log_handshake(log, conn.ssl_object, info)
     return info
+
+
+def log_handshake(log: debuglog.DebugLog, ssl_object: Any, info: TlsInfo) -> None:
+    """Record what a completed handshake agreed on and the facts of the verified chain."""
+    log.add(f"TLS handshake done: {info.version}, cipher {info.cipher}, ALPN {ssl_object.selected_alpn_protocol()}")
+    for depth, cert in enumerate(_verified_chain(ssl_object)):
+        facts = cert.get_info() if hasattr(cert, "get_info") else {}
+        names = ", ".join(v for k, v in facts.get("subjectAltName", ()) if k in ("DNS", "IP Address"))
+        log.add(f"  certificate {depth}: subject {_dn(facts.get('subject'))}, issuer {_dn(facts.get('issuer'))}, "
+                f"valid {facts.get('notBefore')} to {facts.get('notAfter')}" + (f", names {names}" if names else ""))
+
+
+def _dn(name: Any) -> str:
+    """Return `CN=x, O=y` from the tuple form ssl gives for a certificate's subject or issuer."""
+    if not name:
+        return "?"
+    return ", ".join(f"{k}={v}" for rdn in name for k, v in rdn)
 
 
 def tls_info(ssl_object: Any) -> TlsInfo:

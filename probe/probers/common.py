@@ -8,12 +8,14 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 
+from probe import debuglog
 from probe.classify import DnsFailure, Stage, classify, describe
 from probe.config import Route, Target, is_ip
 from probe.context import ProbeContext
 from probe.dns import lookup as dns
 from probe.dns import verdicts
 from probe.models import Deadline, Outcome, Phase, ProbeResult
+from probe.probers.steps import debug_section, log_classification
 from probe.trace import PhaseTimes, Trace
 
 Body = Callable[[Target, Route, Deadline, ProbeContext, Trace], Awaitable[None]]
@@ -24,16 +26,20 @@ async def run_traced(
 ) -> ProbeResult:
     """Run a prober body under the deadline; classify whatever stops it (the prober boundary)."""
     trace = Trace()
-    outcome, error = Outcome.OK, None
+    outcome, error, failure = Outcome.OK, None, None
     try:
         async with asyncio.timeout_at(deadline.at):
-            await body(target, route, deadline, ctx, trace)
+            with debuglog.section(debug_section(target, route)):
+                await body(target, route, deadline, ctx, trace)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # the boundary: anything a probe meets becomes an outcome
         outcome = classify(trace.stage, exc)
         error = describe(exc)
         trace.note(failure_evidence(trace, outcome, exc))
+        failure = exc
+    if (log := debuglog.current()) is not None:
+        log_classification(log, target, route, trace, outcome, failure)
     return ProbeResult(
         target=target.name,
         route=route.name,
@@ -104,6 +110,8 @@ async def resolve(host: str, route: Route, deadline: Deadline, ctx: ProbeContext
     """
     literal = _is_ip(host)
     if route.proxy is not None and route.resolver is None and not literal:
+        if (log := debuglog.current()) is not None:
+            log.add(f"not resolved here: the proxy {route.proxy.redacted()} resolves {host}")
         trace.address = host
         return host
     with trace.phase(Phase.RESOLVE, Stage.RESOLVE):
@@ -113,6 +121,8 @@ async def resolve(host: str, route: Route, deadline: Deadline, ctx: ProbeContext
             resolver = ctx.config.route_resolver(route)
             found = await dns.lookup(resolver, host, deadline, ctx, source_address=route.source_address)
             address = found.answers[0]  # IPv4 first: lookup orders A before AAAA
+            if (log := debuglog.current()) is not None:
+                log.add(f"resolved {host} through {resolver.name}: {', '.join(found.answers)}; using {address}")
             _refuse_judged_answers(host, resolver.name, found.answers, ctx, trace)
     trace.address = address
     return address

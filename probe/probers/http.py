@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import h11
 
-from probe import __version__
+from probe import __version__, debuglog
 from probe.classify import Stage, Throttled, Unexpected
 from probe.config import Expect, HttpCheck, Route, Target
 from probe.context import ProbeContext
@@ -93,11 +94,16 @@ async def _fetch(
         trace.enter(Stage.REQUEST)
         head_bytes = http.send(request) or b""
         conn.write(head_bytes + (http.send(h11.EndOfMessage()) or b""))
+        if (log := debuglog.current()) is not None:
+            log_head(log, "request", f"{method} {path} HTTP/1.1", request.headers)
         await conn.drain()
         head = await _next_event(http, conn, trace)
         while isinstance(head, h11.InformationalResponse):
             head = await _next_event(http, conn, trace)
         assert isinstance(head, h11.Response)
+        if log is not None:
+            reason = head.reason.decode("latin-1")
+            log_head(log, "response", f"HTTP/{head.http_version.decode()} {head.status_code} {reason}", head.headers)
         if phases:
             trace.add_phase(Phase.PROCESSING, trace.now() - begin)
         begin = trace.now()
@@ -108,6 +114,8 @@ async def _fetch(
             trace.add_phase(Phase.TRANSFER, trace.now() - begin)
         if truncated:
             trace.note(f"stopped reading the body at {limit} bytes (max_body_bytes)")
+        if log is not None:
+            log.add(f"body: {trace.body_bytes} bytes{' (truncated)' if truncated else ''}")
         return _Response(
             status=head.status_code,
             headers=[(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers],
@@ -116,6 +124,12 @@ async def _fetch(
         )
     finally:
         dial.close(conn)
+
+
+def log_head(log: debuglog.DebugLog, what: str, first: str, headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """Record a request or response head, credentials masked."""
+    lines = debuglog.header_lines((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
+    log.add(f"{what} head: {first}" + "".join(f"\n{'':15}{line}" for line in lines))
 
 
 def _http(target: Target) -> HttpCheck:
