@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--listen", default="127.0.0.1:9516", help="host:port for the monitor (default %(default)s)")
     demo.add_argument("--interval", default="10s", help="probe interval (default %(default)s)")
     demo.add_argument("--timeout", default="3s", help="probe timeout (default %(default)s)")
+    demo.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                      help="TLS and basic auth for the monitor's listener, as for `probe run`")
 
     once = with_config(sub.add_parser("once", help="one round of every (target, route), then exit"))
     once.add_argument("--target", action="append", metavar="NAME", help="only this target (repeatable)")

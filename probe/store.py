@@ -77,10 +77,11 @@ class PairState:
     times, 0.0 for a phase it did not complete.
     """
 
-    __slots__ = ("counts", "history", "latest", "memo", "phases", "runs", "sums")
+    __slots__ = ("counts", "history", "latest", "memo", "phases", "runs", "since", "sums")
 
     def __init__(self, first: ProbeResult) -> None:
         self.latest = first
+        self.since = first.started_at  # when the pair entered its latest outcome (wall clock), as far as we saw
         self.history = History()  # for the ranking
         # Unsigned 32-bit counters (4 bytes, not 8: 10,000 pairs x 87 of them): 4.29e9 runs of one
         # pair is 136 years at one probe a second.
@@ -93,6 +94,8 @@ class PairState:
 
     def record(self, result: ProbeResult) -> None:
         """Count `result` in and keep it as the latest."""
+        if result.outcome is not self.latest.outcome:
+            self.since = result.started_at
         self.latest = result
         self.memo = None
         self.runs[_CODE[result.outcome]] += 1
@@ -256,6 +259,11 @@ class ResultStore:
     def path(self, target: str, route: str) -> PathHistory | None:
         """Return what is kept of one pair's path sampling (latest run, totals); None before its first run."""
         return self._path.get((target, route))
+
+    def streak(self, target: str, route: str) -> tuple[list[Outcome], float | None]:
+        """Return one pair's last outcomes (oldest first, ranking.WINDOW at most) and when its outcome last changed."""
+        state = self._state.get((target, route))
+        return ([], None) if state is None else (state.history.outcomes(), state.since)
 
     def dns(self, target: str) -> tuple[DnsResult, ...]:
         """Return the latest DNS check of a target; () when none ran yet."""

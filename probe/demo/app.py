@@ -194,7 +194,7 @@ def _rules(rules: dict[str, Action]) -> str:
     return ", ".join(f"{action} {name}" for name, action in rules.items())
 
 
-async def run(listen: str, interval: str, timeout: str, out: TextIO) -> int:
+async def run(listen: str, interval: str, timeout: str, out: TextIO, web_config_file: str | None = None) -> int:
     """Start the border, write the config, run the monitor on it until SIGTERM or SIGINT."""
     border = Border()
     await border.start()
@@ -206,8 +206,9 @@ async def run(listen: str, interval: str, timeout: str, out: TextIO) -> int:
             border.describe(out)
             out.write(f"monitor: http://{listen}/metrics  (config {path}; first results within {interval}; "
                       "Ctrl-C stops)\n")
+            out.write(f"status page: http://{listen}/\n")
             out.flush()
-            return await serve(str(path), listen)
+            return await serve(str(path), listen, web_config_file=web_config_file)
     finally:
         await border.close()
 
@@ -215,7 +216,7 @@ async def run(listen: str, interval: str, timeout: str, out: TextIO) -> int:
 def main(args: argparse.Namespace) -> int:
     """Run the demo until interrupted; return the exit status."""
     try:
-        return asyncio.run(run(args.listen, args.interval, args.timeout, sys.stdout))
+        return asyncio.run(run(args.listen, args.interval, args.timeout, sys.stdout, args.web_config_file))
     except config_module.ConfigError as e:  # a bad --interval or --timeout
         print(f"probe demo: {'; '.join(e.problems)}", file=sys.stderr)
         return 2

@@ -34,8 +34,19 @@ def routes_document(
 
 
 def results_json(store: ResultStore, config: Config) -> dict[str, object]:
-    """Return the /api/results document from the store's latest results."""
-    return results_document(config.vantage, store.results(), store.ranking(config), store.group_ranking(config))
+    """Return the /api/results document from the store's latest results, each with its recent outcomes."""
+    results = store.results()
+    doc = results_document(config.vantage, results, store.ranking(config), store.group_ranking(config))
+    for item, result in zip(_dicts(doc["results"]), results, strict=True):
+        recent, since = store.streak(result.target, result.route)
+        item["recent_outcomes"] = [str(o) for o in recent]
+        item["outcome_since"] = None if since is None else round(since, 3)
+    return doc
+
+
+def _dicts(items: object) -> list[dict[str, object]]:
+    assert isinstance(items, list)
+    return items
 
 
 def routes_json(store: ResultStore, config: Config) -> dict[str, object]:

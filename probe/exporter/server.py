@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import html
+from importlib import resources
 from typing import Protocol
 
 from aiohttp import web
@@ -18,15 +18,26 @@ from probe.exporter.webconfig import BasicAuth, WebConfig, auth_middleware
 from probe.models import ProbeResult
 from probe.store import ResultStore
 
-ENDPOINTS = (
-    ("/metrics", "GET", "Prometheus metrics of every target, route and resolver"),
-    ("/api/results", "GET", "latest results as JSON"),
-    ("/api/routes", "GET", "route ranking per target and per endpoint group as JSON, best first"),
-    ("/probe?target=NAME", "GET", "probe one configured target now; its metrics only"),
-    ("/probe?target=NAME&debug=true", "GET", "probe one configured target now; a step-by-step trace as text"),
-    ("/-/healthy", "GET", "liveness"),
-    ("/-/reload", "POST", "reload the config file"),
-)
+_TYPES = {"html": "text/html", "css": "text/css", "js": "text/javascript"}
+
+# The status page: plain files shipped in the package, read once. The policy keeps the page to this
+# monitor: nothing is fetched from anywhere else (a CDN may be exactly what is blocked where it runs).
+STATIC = {
+    f.name: (f.read_bytes(), _TYPES[f.name.rpartition(".")[2]])
+    for f in resources.files("probe.exporter").joinpath("static").iterdir()
+    if f.name.rpartition(".")[2] in _TYPES
+}
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy":
+        "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _static(name: str) -> web.Response:
+    body, content_type = STATIC[name]
+    return web.Response(body=body, content_type=content_type, charset="utf-8", headers=PAGE_HEADERS)
 
 
 class Backend(Protocol):
@@ -53,6 +64,7 @@ def create_app(backend: Backend, web_config: WebConfig | None = None) -> web.App
     middlewares = [auth_middleware(BasicAuth(web_config.users))] if web_config and web_config.users else []
     app = web.Application(middlewares=middlewares)
     app.router.add_get("/", h.index)
+    app.router.add_get("/static/{name}", h.static)
     app.router.add_get("/metrics", h.metrics)
     app.router.add_get("/api/results", h.results)
     app.router.add_get("/api/routes", h.routes)
@@ -96,19 +108,13 @@ class _Handlers:
         return debugtrace.render(log, config, config.target(name), results)
 
     async def index(self, request: web.Request) -> web.Response:
-        config = self.backend.config
-        items = "\n".join(
-            f'<li><a href="{html.escape(path)}">{html.escape(path)}</a> ({method}): {html.escape(what)}</li>'
-            if method == "GET" else f"<li><code>{html.escape(path)}</code> ({method}): {html.escape(what)}</li>"
-            for path, method, what in ENDPOINTS
-        )
-        body = (
-            "<!doctype html><html><head><title>probe</title></head><body>"
-            f"<h1>probe: {html.escape(config.vantage)}</h1>"
-            f"<p>{len(config.targets)} targets, {len(config.routes)} routes, {len(config.resolvers)} resolvers</p>"
-            f"<ul>\n{items}\n</ul></body></html>\n"
-        )
-        return web.Response(text=body, content_type="text/html")
+        return _static("index.html")
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in STATIC or name == "index.html":
+            raise web.HTTPNotFound()
+        return _static(name)
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         # Written in chunks of about 10,000 lines (exposition.CHUNK_LINES, ~1 MB of bytes): at 10,000
