@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import random
+import socket
 import subprocess
 import sys
 import time
@@ -13,8 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from tests.proxies import free_port
 
 
 @dataclass
@@ -59,6 +59,24 @@ class DemoProcess:
         return seen
 
 
+def restartable_port() -> int:
+    """Return a free loopback port below the ephemeral range, which a restarted demo can bind again.
+
+    A port from the ephemeral range, free once the first demo stopped, may be handed by the
+    kernel to one of the second demo's own servers (they bind port 0) before its monitor binds it.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 def request(
     url: str, auth: tuple[str, str] | None = None, *, method: str = "GET", timeout: float = 10.0
 ) -> tuple[int, str, str]:
@@ -78,8 +96,8 @@ def running_demo(
     directory: Path, *args: str, port: int | None = None, auth: tuple[str, str] | None = None,
     interval: str = "2s", timeout: str = "1500ms",
 ) -> Iterator[DemoProcess]:
-    """Run `probe demo ARGS` on `port` (default: a free one); stop it with SIGTERM when the block ends."""
-    port = port or free_port()
+    """Run `probe demo ARGS` on `port` (default: a free one below the ephemeral range); stop it with SIGTERM."""
+    port = port or restartable_port()
     log = directory / f"demo-{port}-{time.monotonic_ns()}.log"
     with log.open("w") as err:
         proc = subprocess.Popen(

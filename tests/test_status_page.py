@@ -1,8 +1,10 @@
 """The status page (`GET /`) in a real headless browser: Debian's chromium driven by Playwright, against `probe demo`.
 
-pytest-playwright launches the system chromium (browser downloads are not reachable, and
-never needed): a fresh temporary profile per launch, no sandbox (root in CI), no GPU, and
-none of chromium's own background traffic.
+Playwright launches the system chromium (browser downloads are not reachable, and never
+needed): a fresh temporary profile per launch, no sandbox (root in CI), no GPU, and none of
+chromium's own background traffic. The browser lives for this module only: Playwright's sync
+API keeps an event loop running in the main thread while it is started, which the async
+tests of other modules cannot share (so pytest-playwright's session-wide browser is not used).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from typing import Any
 import bcrypt
 import pytest
 import yaml
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
 from probe.exporter.server import STATIC
 from probe.models import Outcome
-from tests.demo_proc import DemoProcess, request, running_demo
+from tests.demo_proc import DemoProcess, request, restartable_port, running_demo
 from tests.test_demo import EXPECTED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,17 +57,27 @@ EVIDENCE = {
 USER, PASSWORD = "oncall", "border watch 2026"
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args() -> dict[str, Any]:
-    """Point pytest-playwright at Debian's chromium."""
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Launch Debian's chromium for this module's tests; stop it (and Playwright's event loop) afterwards."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: scripts/test installs Debian's chromium")
-    return {"executable_path": CHROMIUM, "args": CHROMIUM_ARGS, "headless": True}
+    with sync_playwright() as pw:
+        launched = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield launched
+        finally:
+            launched.close()
 
 
-@pytest.fixture(scope="session")
-def browser_context_args() -> dict[str, Any]:
-    return {"viewport": {"width": 1400, "height": 1000}, "locale": "en-GB", "timezone_id": "UTC"}
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """Return a page in a fresh browser context (no cookies, cache or credentials of another test)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, locale="en-GB", timezone_id="UTC")
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +264,7 @@ def test_with_basic_auth_the_page_and_its_api_calls_need_credentials_and_survive
     browser: Browser, web_config: Path, tmp_path: Path
 ) -> None:
     args = ("--web.config.file", str(web_config))
-    with running_demo(tmp_path, *args, auth=(USER, PASSWORD)) as demo:
+    with running_demo(tmp_path, *args, port=restartable_port(), auth=(USER, PASSWORD)) as demo:
         demo.wait_for({("storage", "direct"): "ok", ("down", "direct"): "tcp_refused"})
         for path in ("/", "/static/status.js", "/static/status.css", "/api/results", "/api/routes",
                      "/probe?target=storage&debug=true"):
