@@ -302,3 +302,22 @@ def test_labels_never_carry_free_text() -> None:
     store.record(result("web", "direct", Outcome.ERROR, error="boom: secret detail", evidence=("x y z",)))
     text = metrics.render(store, cfg).decode()
     assert "boom" not in text and "x y z" not in text and "secret" not in text
+
+
+def test_api_results_carry_the_last_20_outcomes_and_since_when_the_outcome_holds() -> None:
+    from probe.exporter.api import results_json
+
+    store = ResultStore(config())
+    sequence = [Outcome.OK] * 15 + [Outcome.TLS_RESET] * 8 + [Outcome.OK, Outcome.OK]
+    started = [1_800_000_000.0 + 30 * i for i in range(len(sequence))]
+    for outcome, at in zip(sequence, started, strict=True):
+        store.record(ProbeResult("web", "direct", outcome, at, 0.1))
+    store.record(ProbeResult("ssh", "direct", Outcome.TCP_REFUSED, started[0], 0.1))
+    doc = results_json(store, store.config)
+    items = {(r["target"], r["route"]): r for r in doc["results"]}  # type: ignore[index, attr-defined]
+    web = items[("web", "direct")]
+    assert web["recent_outcomes"] == [str(o) for o in sequence[-20:]]  # oldest first, 20 at most
+    assert web["outcome_since"] == started[-2]  # the first of the last two ok runs
+    assert items[("ssh", "direct")]["outcome_since"] == started[0]
+    assert ("web", "hk-socks") not in items  # no result yet: nothing to show
+    assert store.streak("web", "hk-socks") == ([], None)

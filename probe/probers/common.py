@@ -27,10 +27,14 @@ async def run_traced(
     """Run a prober body under the deadline; classify whatever stops it (the prober boundary)."""
     trace = Trace()
     outcome, error, failure = Outcome.OK, None, None
+    log = debuglog.current()
     try:
         async with asyncio.timeout_at(deadline.at):
-            with debuglog.section(debug_section(target, route)):
+            if log is None:
                 await body(target, route, deadline, ctx, trace)
+            else:
+                with debuglog.section(debug_section(target, route)):
+                    await body(target, route, deadline, ctx, trace)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # the boundary: anything a probe meets becomes an outcome
@@ -38,7 +42,7 @@ async def run_traced(
         error = describe(exc)
         trace.note(failure_evidence(trace, outcome, exc))
         failure = exc
-    if (log := debuglog.current()) is not None:
+    if log is not None:
         log_classification(log, target, route, trace, outcome, failure)
     return ProbeResult(
         target=target.name,
