@@ -341,7 +341,7 @@ def thousand_pairs(tmp_path: Path) -> Iterator[str]:
 
     from probe import config as config_module
     from probe.exporter.server import create_app
-    from probe.models import DnsResult, Phase, ProbeResult
+    from probe.models import DnsResult, Localisation, PathMethod, PathResult, Phase, ProbeResult
     from probe.store import ResultStore
 
     routes = ["direct", "cn2", "hk-socks", "hk-http"]
@@ -355,6 +355,10 @@ def thousand_pairs(tmp_path: Path) -> Iterator[str]:
         "targets": [{"name": f"bucket-{i:03d}", "url": f"https://b{i}.storage.example/ping", "routes": routes}
                     for i in range(250)],
     }))
+    doc = yaml.safe_load(cfg.read_text())
+    doc["targets"][0]["path"] = {"samples": 20, "spread": "5s", "method": "tcp"}  # path quality where configured
+    doc["targets"][1]["locate"] = True  # and the censor's hop
+    cfg.write_text(yaml.safe_dump(doc))
     config = config_module.load(str(cfg))
     store = ResultStore(config)
     outcomes = list(Outcome)
@@ -369,6 +373,10 @@ def thousand_pairs(tmp_path: Path) -> Iterator[str]:
                     address="198.51.100.20", evidence=(f"evidence line of {target.name} over {route}",)))
         store.record_dns(target.name, (DnsResult("system", Outcome.OK, ("198.51.100.20",), 2, True),
                                        DnsResult("ctl", Outcome.OK, ("198.51.100.20",), 2, True)))
+    rtts = tuple(0.040 + 0.001 * i for i in range(19))
+    assert store.record_path(PathResult("bucket-000", "direct", PathMethod.TCP, now, 20, 1, rtts))
+    assert store.record_locate("bucket-001", "direct", Localisation(
+        hop=7, hops=("198.51.100.1", None), evidence=("reset at TTL 7, none at TTL 6 (sni=b1.storage.example)",)))
     # In a thread of its own: Playwright's sync API keeps an event loop running in this one.
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(create_app(_Backend(config, store)), access_log=None)
@@ -416,3 +424,7 @@ def test_a_thousand_pairs_render_without_stalling(page: Page, thousand_pairs: st
     assert longest < 2000 and max(draw) < 2000, (longest, timings)
     cell(page, "bucket-007", "hk-http").click()
     expect(page.locator("#detail-title")).to_contain_text("bucket-007 over hk-http")
+    expect(page.locator('th:has-text("bucket-000")')).to_contain_text("direct path: 1/20 lost (5%), p50 49 ms")
+    expect(page.locator('th:has-text("bucket-001")')).to_contain_text("direct censor: hop 7")
+    cell(page, "bucket-001", "direct").click()
+    expect(page.locator("#detail")).to_contain_text("hop 7 (reset at TTL 7, none at TTL 6 (sni=b1.storage.example))")
