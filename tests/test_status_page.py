@@ -358,6 +358,8 @@ def thousand_pairs(tmp_path: Path) -> Iterator[str]:
     doc = yaml.safe_load(cfg.read_text())
     doc["targets"][0]["path"] = {"samples": 20, "spread": "5s", "method": "tcp"}  # path quality where configured
     doc["targets"][1]["locate"] = True  # and the censor's hop
+    for t in doc["targets"][:3]:
+        t["group"] = "mirrors"  # three endpoints serving the same content
     cfg.write_text(yaml.safe_dump(doc))
     config = config_module.load(str(cfg))
     store = ResultStore(config)
@@ -426,5 +428,9 @@ def test_a_thousand_pairs_render_without_stalling(page: Page, thousand_pairs: st
     expect(page.locator("#detail-title")).to_contain_text("bucket-007 over hk-http")
     expect(page.locator('th:has-text("bucket-000")')).to_contain_text("direct path: 1/20 lost (5%), p50 49 ms")
     expect(page.locator('th:has-text("bucket-001")')).to_contain_text("direct censor: hop 7")
+    group = page.locator("#groups .group")
+    expect(group).to_contain_text("mirrors")
+    expect(group.locator("li")).to_have_count(12)  # every (target, route) of the group, best first
+    expect(group.locator("li").first).to_contain_text("(use this)")
     cell(page, "bucket-001", "direct").click()
     expect(page.locator("#detail")).to_contain_text("hop 7 (reset at TTL 7, none at TTL 6 (sni=b1.storage.example))")
