@@ -54,6 +54,27 @@ class Throttled(ProbeFailure):
     outcome = Outcome.THROTTLED
 
 
+class QuicClosed(Exception):
+    """A QUIC connection ended by CONNECTION_CLOSE: the peer's (`by_peer`), or ours after a TLS alert or bad HTTP/3."""
+
+    def __init__(self, error_code: int, reason: str, *, by_peer: bool, alert: int | None = None) -> None:
+        who = "peer" if by_peer else "we"
+        what = f"TLS alert {alert}" if alert is not None else f"error 0x{error_code:x}"
+        super().__init__(f"{who} closed the connection ({what}){': ' + reason if reason else ''}")
+        self.error_code = error_code
+        self.reason = reason
+        self.by_peer = by_peer
+        self.alert = alert  # the TLS alert of a CRYPTO_ERROR close (RFC 9001 4.8), else None
+
+
+class QuicStreamReset(Exception):
+    """The peer reset the request stream (RESET_STREAM)."""
+
+    def __init__(self, error_code: int) -> None:
+        super().__init__(f"stream reset by the peer (error 0x{error_code:x})")
+        self.error_code = error_code
+
+
 _TIMEOUT_BY_STAGE = {
     Stage.QUERY: Outcome.DNS_TIMEOUT,
     Stage.RESOLVE: Outcome.DNS_TIMEOUT,
@@ -78,6 +99,8 @@ _REFUSED_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, er
 # Our own side failed: an address not ours, no free fd or port, a family or argument the host refuses.
 LOCAL_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EMFILE, errno.ENFILE, errno.EACCES,
                           errno.EAFNOSUPPORT, errno.EINVAL, errno.ENOBUFS, errno.ENOMEM})
+# TLS alerts (RFC 8446 6.2) our own verification sends about the peer's certificate.
+_CERT_ALERTS = {42, 43, 44, 45, 46, 48}
 _RESET_TYPES = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLEOFError, EOFError)
 
 # What a proxy's refusal means (python-socks puts the SOCKS5 reply code or the HTTP status in
@@ -100,6 +123,17 @@ def classify(stage: Stage, exc: BaseException) -> Outcome:
         return Outcome.DNS_SERVFAIL
     if isinstance(exc, ssl.SSLCertVerificationError):
         return Outcome.TLS_CERT_INVALID
+    if isinstance(exc, QuicClosed):
+        if not exc.by_peer and exc.alert in _CERT_ALERTS:
+            return Outcome.TLS_CERT_INVALID
+        if stage is Stage.TLS:
+            return Outcome.TLS_RESET  # the peer or the path broke the handshake (CONNECTION_CLOSE)
+        if exc.by_peer:
+            return _RESET_BY_STAGE.get(stage, Outcome.ERROR)
+        # We closed it after the handshake: the answer was not HTTP/3 (a frame or stream error).
+        return Outcome.HTTP_UNEXPECTED if stage in (Stage.REQUEST, Stage.TRANSFER, Stage.DOWNLOAD) else Outcome.ERROR
+    if isinstance(exc, QuicStreamReset):
+        return _RESET_BY_STAGE.get(stage, Outcome.ERROR)
     if isinstance(exc, _RESET_TYPES):
         return _RESET_BY_STAGE.get(stage, Outcome.ERROR)
     if isinstance(exc, ssl.SSLError) and stage is Stage.TLS:
@@ -113,6 +147,8 @@ def classify(stage: Stage, exc: BaseException) -> Outcome:
     if isinstance(exc, ProxyError):
         # The proxy answered but would not carry us: it refused or could not reach the target.
         return Outcome.TCP_REFUSED
+    if isinstance(exc, OSError) and stage is Stage.TLS and exc.errno in _REFUSED_ERRNOS:
+        return Outcome.TLS_RESET  # ICMP unreachable answering a QUIC Initial: the path broke the handshake
     if isinstance(exc, OSError) and stage is Stage.CONNECT:
         return connect_errno(exc.errno)
     if isinstance(exc, OSError) and exc.errno == errno.ECONNRESET:

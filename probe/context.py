@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from probe.controls import ControlState
 from probe.dns.context import DnsContext
 
 
@@ -14,3 +15,7 @@ class ProbeContext(DnsContext):
     Probers take this type, DNS code takes DnsContext: the DNS layer never sees what is
     only the probers' business, and tests build either with their own files and servers.
     """
+
+    # When to send control handshakes, and recent TLS-stage failures; `probe run` passes one
+    # with history that outlives reloads, one-shot commands the default (no history).
+    controls: ControlState = field(default_factory=ControlState)

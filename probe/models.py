@@ -180,6 +180,16 @@ class Localisation:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlHandshake:
+    """What the control handshake (control_sni to the target's address and port) met, sent first."""
+
+    server_name: str
+    answered: bool  # any server answer counts: a certificate for another name, an alert, a close
+    seconds: float
+    detail: str  # what was seen, for the evidence line
+
+
+@dataclass(frozen=True, slots=True)
 class ProbeResult:
     """The result of one probe of one target over one route."""
 
@@ -198,6 +208,9 @@ class ProbeResult:
     error: str | None = None
     path: PathResult | None = None  # the pair's latest path sampling run, where `path` is configured
     locate: Localisation | None = None  # the pair's latest localisation (kept until the next one)
+    # True: the control answered and the target did not (name filtered); False: neither answered
+    # (the address is blocked for any name, or down); None: not tested (Control handshakes).
+    sni_filtered: bool | None = None
 
     @property
     def blocked(self) -> bool:
@@ -226,6 +239,7 @@ class ProbeResult:
             "ssl_earliest_cert_expiry": self.tls.earliest_cert_expiry if self.tls else None,
             "started_at": round(self.started_at, 3),
             "dns": [d.to_json() for d in self.dns],
+            "sni_filtered": self.sni_filtered,
             "evidence": list(self.evidence),
             "error": self.error,
             "path": self.path.to_json() if self.path is not None else None,

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from probe.classify import Stage
-from probe.models import Phase, TlsInfo
+from probe.models import ControlHandshake, Phase, TlsInfo
 
 _clock = time.perf_counter
 
@@ -19,6 +19,7 @@ class Trace:
     __slots__ = (
         "started", "wall_started", "stage", "stage_started", "phases", "evidence",
         "address", "peer", "sni", "http_host", "body_bytes", "http_status", "throughput", "tls",
+        "port", "quic", "control",
     )
 
     def __init__(self) -> None:
@@ -38,6 +39,9 @@ class Trace:
         self.http_status: int | None = None
         self.throughput: float | None = None
         self.tls: TlsInfo | None = None
+        self.port: int | None = None  # the port of the target's own handshake
+        self.quic = False  # the handshake runs over QUIC (UDP), not TCP
+        self.control: ControlHandshake | None = None  # the control handshake, when one was sent
 
     def now(self) -> float:
         """Return the monotonic time of the phase clock."""

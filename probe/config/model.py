@@ -44,6 +44,7 @@ class ResolverType(StrEnum):
 
 class TargetKind(StrEnum):
     HTTP = "http"
+    HTTP3 = "http3"  # an https:// url with http_version: 3, probed over QUIC
     TCP = "tcp"
     TLS = "tls"
 
@@ -148,11 +149,17 @@ class Target:
     group: str | None = None  # endpoints serving the same content (mirrors, regions) share a group
     path: PathCheck | None = None  # multi-sample loss and jitter; None: no path sampling
     locate: bool = False  # find the censor's hop after a run blocked at the DNS, TLS or HTTP stage
+    control_sni: str | None = None  # a name nobody filters, for the control handshake (TLS targets only)
 
     @property
     def uses_tls(self) -> bool:
         """Return whether the probe does a TLS handshake."""
-        return self.kind is TargetKind.TLS or (self.http is not None and self.http.url.startswith("https:"))
+        return self.kind is not TargetKind.TCP and (self.http is None or self.http.url.startswith("https:"))
+
+    @property
+    def quic(self) -> bool:
+        """Return whether the probe runs over QUIC (UDP) rather than TCP."""
+        return self.kind is TargetKind.HTTP3
 
     @property
     def url(self) -> str | None:

@@ -29,8 +29,10 @@ _TARGET_KEYS = {
     "name", "url", "address", "tls", "server_name", "expect", "method", "headers",
     "max_body_bytes", "follow_redirects", "download", "routes", "resolvers",
     "interval", "timeout", "ca_file", "dnssec", "dns_reply_window", "group", "path", "locate",
+    "http_version", "control_sni",
 }
-DEFAULTABLE = _TARGET_KEYS - {"name", "url", "address", "group"}
+DEFAULTABLE = _TARGET_KEYS - {"name", "url", "address", "group", "http_version"}
+_URL_ONLY_KEYS = ("expect", "method", "headers", "download", "follow_redirects", "max_body_bytes")
 _EXPECT_KEYS = {"status", "body_contains", "body_regex", "headers"}
 _DOWNLOAD_KEYS = {"url", "min_bytes_per_second", "max_bytes"}
 
@@ -93,6 +95,8 @@ class TargetChecks(PathChecks):
                 http_kwargs["url"] = url
             if "tls" in m:
                 self.fail(f"{path}.tls", "only for 'address' targets (an https:// url implies TLS)")
+            if "http_version" in m and self.http_version(m["http_version"], f"{path}.http_version", url) == 3:
+                kind = TargetKind.HTTP3
         else:
             kind = TargetKind.TLS if tls else TargetKind.TCP
             text = self.typed(m["address"], f"{path}.address", str, "host:port")
@@ -101,7 +105,7 @@ class TargetChecks(PathChecks):
                     host, port = parse_hostport(text)
                 except ValueError as e:
                     self.fail(f"{path}.address", str(e))
-            for key in ("expect", "method", "headers", "download", "follow_redirects", "max_body_bytes"):
+            for key in (*_URL_ONLY_KEYS, "http_version"):
                 if key in m:
                     self.fail(f"{path}.{key}", "only for 'url' targets")
         sni, sni_path = get("server_name")
@@ -109,7 +113,13 @@ class TargetChecks(PathChecks):
             if "server_name" in m and kind is TargetKind.TCP:
                 self.fail(sni_path, "only for TLS targets (https:// url or tls: true)")
             kwargs["server_name"] = sni
-        if kind is TargetKind.HTTP:
+        control_raw, control_path = get("control_sni")
+        if control_raw is not None and (control := self.host_name(control_raw, control_path)) is not None:
+            if "control_sni" in m and kind is TargetKind.TCP:
+                self.fail(control_path, "only for TLS targets (https:// url or tls: true)")
+            elif kind is not TargetKind.TCP:
+                kwargs["control_sni"] = control
+        if kind in (TargetKind.HTTP, TargetKind.HTTP3):
             expect_raw, expect_path = get("expect")
             if expect_raw is not None:
                 expect = self.expect(expect_raw, expect_path)
@@ -132,6 +142,9 @@ class TargetChecks(PathChecks):
             dl_raw, dl_path = get("download")
             if dl_raw is not None:
                 http_kwargs["download"] = self.download(dl_raw, dl_path)
+                dl_url = http_kwargs["download"].url if http_kwargs["download"] is not None else ""
+                if kind is TargetKind.HTTP3 and not dl_url.startswith("https://"):
+                    self.fail(f"{dl_path}.url", "an http_version 3 target downloads over HTTP/3: use an https:// url")
         interval_raw, interval_path = get("interval", None)
         interval = DEFAULT_INTERVAL if interval_raw is None else self.duration(interval_raw, interval_path)
         timeout_raw, timeout_path = get("timeout", None)
@@ -173,6 +186,15 @@ class TargetChecks(PathChecks):
         if path_raw is not None:
             chosen = tuple(known_routes[r] for r in kwargs["routes"])
             kwargs["path"] = self.path_check(path_raw, path_path, interval, timeout, chosen)
+        if kind is TargetKind.HTTP3 and isinstance(routes_raw, list):
+            for i, route_name in enumerate(routes_raw):
+                route = known_routes.get(route_name) if isinstance(route_name, str) else None
+                if route is not None and route.proxy is not None:
+                    self.fail(
+                        f"{routes_path}[{i}]",
+                        f"route {route_name!r} uses a proxy; http_version 3 (QUIC, over UDP) takes only "
+                        "direct and source_address routes",
+                    )
         res_raw, res_path = get("resolvers")
         if res_raw is None:
             kwargs["resolvers"] = resolver_names
@@ -181,13 +203,29 @@ class TargetChecks(PathChecks):
             kwargs["resolvers"] = self.references(res_raw, res_path, known, "resolver")
         if len(self.problems) > before or name is None:
             return None
-        if kind is TargetKind.HTTP:
+        if kind in (TargetKind.HTTP, TargetKind.HTTP3):
             kwargs["http"] = HttpCheck(**http_kwargs)
         return Target(name=name, kind=kind, host=host, port=port, **kwargs)
 
     @staticmethod
     def is_name(host: str) -> bool:
         return bool(host) and not is_ip(host)
+
+    def http_version(self, raw: Any, path: str, url: str | None) -> int | None:
+        if raw not in (1, 3) or isinstance(raw, bool):
+            self.fail(path, f"must be 1 (HTTP/1.1 over TCP) or 3 (HTTP/3 over QUIC), not {raw!r}")
+            return None
+        if raw == 3 and url is not None and not url.startswith("https://"):
+            self.fail(path, f"HTTP/3 needs an https:// url, not {url!r}")
+            return None
+        return int(raw)
+
+    def host_name(self, raw: Any, path: str) -> str | None:
+        text = self.typed(raw, path, str, "a host name")
+        if text is not None and not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9])?", text):
+            self.fail(path, f"{text!r} is not a host name")
+            return None
+        return text
 
     def http_url(self, url: str, path: str) -> tuple[str, int] | None:
         parts = urlsplit(url)

@@ -13,6 +13,7 @@ from probe.trace import Trace
 if TYPE_CHECKING:
     from probe.net.dial import Connection
 
+_UNVERIFIED = "\0unverified"  # a key no CA file path can be
 _TLS_VERSIONS = {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2", "TLSv1.3": "TLS 1.3"}
 
 
@@ -25,6 +26,17 @@ class TlsContexts:
     def verifying(self, ca_file: str | None) -> ssl.SSLContext:
         """Return a context that verifies against the system store plus `ca_file`, offering HTTP/1.1."""
         return self._context(ca_file, "http/1.1")
+
+    def unverified(self) -> ssl.SSLContext:
+        """Return a context that accepts any certificate: the control handshake only asks whether a server answers."""
+        ctx = self._verify.get(_UNVERIFIED)
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._verify[_UNVERIFIED] = ctx
+        return ctx
 
     def dns_tls(self, ca_file: str | None) -> ssl.SSLContext:
         """Return a context for DNS over TLS: like `verifying`, but offering ALPN "dot" (RFC 7858)."""

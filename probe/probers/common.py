@@ -15,6 +15,7 @@ from probe.context import ProbeContext
 from probe.dns import lookup as dns
 from probe.dns import verdicts
 from probe.models import Deadline, Outcome, Phase, ProbeResult
+from probe.probers.control import conclude
 from probe.probers.steps import debug_section, log_classification
 from probe.trace import PhaseTimes, Trace
 
@@ -44,6 +45,7 @@ async def run_traced(
         failure = exc
     if log is not None:
         log_classification(log, target, route, trace, outcome, failure)
+    sni_filtered = conclude(target, route, ctx, trace, outcome)
     return ProbeResult(
         target=target.name,
         route=route.name,
@@ -57,6 +59,7 @@ async def run_traced(
         tls=trace.tls,
         evidence=tuple(trace.evidence),
         error=error,
+        sni_filtered=sni_filtered,
     )
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import h11
@@ -21,6 +22,7 @@ from probe.context import ProbeContext
 from probe.models import Deadline, Phase, ProbeResult
 from probe.net import dial
 from probe.net.tls import start_tls
+from probe.probers import control
 from probe.probers.common import resolve, run_traced
 from probe.trace import Trace
 
@@ -33,7 +35,9 @@ USER_AGENT = f"probe/{__version__} (cross-border connectivity monitor)"
 
 
 @dataclass(slots=True)
-class _Response:
+class Response:
+    """What one fetch brought back (the body up to its limit)."""
+
     status: int
     headers: list[tuple[str, str]]
     body: bytes
@@ -46,10 +50,26 @@ async def probe(target: Target, route: Route, deadline: Deadline, ctx: ProbeCont
 
 
 async def _body(target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> None:
-    check = _http(target)
+    await exchange(target, route, deadline, ctx, trace, _fetch)
+
+
+class Fetch(Protocol):
+    """One request over a fresh connection: `_fetch` here (HTTP/1.1), `http3._fetch` (HTTP/3)."""
+
+    def __call__(
+        self, url: str, target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace,
+        *, phases: bool, limit: int, body_stage: Stage = Stage.TRANSFER,
+    ) -> Awaitable[Response]: ...
+
+
+async def exchange(
+    target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace, fetch: Fetch
+) -> None:
+    """Fetch the target's url (following redirects), check the expectations, then the download."""
+    check = http_check(target)
     url, seen = check.url, [check.url]
     while True:
-        resp = await _fetch(url, target, route, deadline, ctx, trace, phases=True, limit=check.max_body_bytes)
+        resp = await fetch(url, target, route, deadline, ctx, trace, phases=True, limit=check.max_body_bytes)
         location = dict(resp.headers).get("location")
         if not (check.follow_redirects and resp.status in _REDIRECTS and location):
             break
@@ -61,9 +81,9 @@ async def _body(target: Target, route: Route, deadline: Deadline, ctx: ProbeCont
         seen.append(url)
         trace.note(f"redirected ({resp.status}) to {url}")
     trace.http_status = resp.status
-    _check_expectations(check.expect, resp)
+    check_expectations(check.expect, resp)
     if check.download is not None:
-        await _download(target, route, deadline, ctx, trace)
+        await _download(target, route, deadline, ctx, trace, fetch)
 
 
 async def _fetch(
@@ -77,9 +97,11 @@ async def _fetch(
     phases: bool,
     limit: int,
     body_stage: Stage = Stage.TRANSFER,
-) -> _Response:
-    host, https, port, host_header, path = _url_parts(url)
+) -> Response:
+    host, https, port, host_header, path = url_parts(url)
     address = await resolve(host, route, deadline, ctx, trace)
+    if https:
+        await control.send_first(target, route, address, port, deadline, ctx, trace)
     conn = await dial.connect(address, port, route, trace)
     try:
         if https:
@@ -87,7 +109,7 @@ async def _fetch(
             await start_tls(conn, ctx.tls.verifying(target.ca_file), server_name, trace)
         http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
         trace.http_host = host_header
-        check = _http(target)
+        check = http_check(target)
         method = check.method if phases else "GET"
         request = _request(method, path, host_header, check.headers)
         begin = trace.now()
@@ -116,7 +138,7 @@ async def _fetch(
             trace.note(f"stopped reading the body at {limit} bytes (max_body_bytes)")
         if log is not None:
             log.add(f"body: {trace.body_bytes} bytes{' (truncated)' if truncated else ''}")
-        return _Response(
+        return Response(
             status=head.status_code,
             headers=[(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers],
             body=body,
@@ -132,7 +154,7 @@ def log_head(log: debuglog.DebugLog, what: str, first: str, headers: Sequence[tu
     log.add(f"{what} head: {first}" + "".join(f"\n{'':15}{line}" for line in lines))
 
 
-def _http(target: Target) -> HttpCheck:
+def http_check(target: Target) -> HttpCheck:
     if target.http is None:  # the registry sends only url targets here
         raise TypeError(f"target {target.name} has no HTTP settings")
     return target.http
@@ -146,7 +168,7 @@ def _request(method: str, path: str, host_header: str, extra: tuple[tuple[str, s
 
 
 @functools.lru_cache(maxsize=16384)
-def _url_parts(url: str) -> tuple[str, bool, int, str, str]:
+def url_parts(url: str) -> tuple[str, bool, int, str, str]:
     """Return host, https?, port, Host header and request target of a URL (parsed once per URL)."""
     parts = urlsplit(url)
     https = parts.scheme == "https"
@@ -191,7 +213,7 @@ async def _read_body(
             return b"".join(chunks), False
 
 
-def _check_expectations(expect: Expect, resp: _Response) -> None:
+def check_expectations(expect: Expect, resp: Response) -> None:
     if not expect.status_ok(resp.status):
         wanted = ", ".join(map(str, expect.status)) if expect.status else "2xx"
         raise Unexpected(f"status {resp.status}, expected {wanted}{_snippet(resp.body)}")
@@ -216,14 +238,16 @@ def _snippet(body: bytes, size: int = 120) -> str:
     return f" (body starts {text!r}{'...' if len(body) > size else ''})"
 
 
-async def _download(target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> None:
+async def _download(
+    target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace, fetch: Fetch
+) -> None:
     """Fetch `download.url` over the same route; its rate is body bytes over body time."""
-    dl = _http(target).download
+    dl = http_check(target).download
     assert dl is not None
     saved_phases, saved_tls = dict(trace.phases), trace.tls  # the phases describe the main request
     try:
         async with asyncio.timeout_at(deadline.at - target.timeout * DOWNLOAD_MARGIN):
-            resp = await _fetch(
+            resp = await fetch(
                 dl.url, target, route, deadline, ctx, trace, phases=False, limit=dl.max_bytes,
                 body_stage=Stage.DOWNLOAD,
             )

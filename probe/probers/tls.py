@@ -7,6 +7,7 @@ from probe.context import ProbeContext
 from probe.models import Deadline, ProbeResult
 from probe.net import dial
 from probe.net.tls import start_tls
+from probe.probers import control
 from probe.probers.common import resolve, run_traced
 from probe.trace import Trace
 
@@ -18,6 +19,7 @@ async def probe(target: Target, route: Route, deadline: Deadline, ctx: ProbeCont
 
 async def _body(target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> None:
     address = await resolve(target.host, route, deadline, ctx, trace)
+    await control.send_first(target, route, address, target.port, deadline, ctx, trace)
     conn = await dial.connect(address, target.port, route, trace)
     try:
         await start_tls(conn, ctx.tls.verifying(target.ca_file), target.sni, trace)
