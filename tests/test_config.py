@@ -78,6 +78,33 @@ INVALID: list[tuple[str, list[str]]] = [
         ["targets[0].tls: only for 'address' targets (an https:// url implies TLS)"],
     ),
     ("invalid-expect-on-address-target.yml", ["targets[0].expect: only for 'url' targets"]),
+    (
+        "invalid-http3-proxy-route.yml",
+        [
+            "targets[0].routes[2]: route 'hk-socks' uses a proxy; http_version 3 (QUIC, over UDP) takes only "
+            "direct and source_address routes"
+        ],
+    ),
+    (
+        "invalid-http3-plain-http.yml",
+        ["targets[0].http_version: HTTP/3 needs an https:// url, not 'http://example.com/'"],
+    ),
+    (
+        "invalid-http-version-value.yml",
+        ["targets[0].http_version: must be 1 (HTTP/1.1 over TCP) or 3 (HTTP/3 over QUIC), not 2"],
+    ),
+    ("invalid-http-version-on-address-target.yml", ["targets[0].http_version: only for 'url' targets"]),
+    (
+        "invalid-control-sni.yml",
+        [
+            "defaults.control_sni: 'not a name' is not a host name",
+            "targets[1].control_sni: only for TLS targets (https:// url or tls: true)",
+        ],
+    ),
+    (
+        "invalid-http3-download-not-https.yml",
+        ["targets[0].download.url: an http_version 3 target downloads over HTTP/3: use an https:// url"],
+    ),
     ("invalid-status-code.yml", ["targets[0].expect.status[1]: 999 is not an HTTP status code"]),
     (
         "invalid-body-regex.yml",

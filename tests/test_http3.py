@@ -172,7 +172,8 @@ async def test_http3_source_address_route_binds_it(pki: Pki, tmp_path: Path) -> 
     async with h3_server(pki, seen=seen) as port:
         doc = {
             "vantage": "test", "defaults": {"ca_file": str(pki.ca_file), "timeout": "2s"},
-            "routes": [{"name": "bound", "source_address": "127.0.0.3"}, {"name": "bad", "source_address": "192.0.2.77"}],
+            "routes": [{"name": "bound", "source_address": "127.0.0.3"},
+                       {"name": "bad", "source_address": "192.0.2.77"}],
             "targets": [{"name": "h3", "url": f"https://127.0.0.1:{port}/", "http_version": 3,
                          "routes": ["bound", "bad"]}],
         }
