@@ -14,6 +14,7 @@ from aiohttp import web
 from probe import config as config_module
 from probe.config import Config, ConfigError, parse_hostport
 from probe.context import ProbeContext
+from probe.controls import ControlState, without_history
 from probe.dns.verdicts import VerdictCache
 from probe.exporter import webconfig
 from probe.exporter.server import create_app
@@ -46,7 +47,9 @@ class Service:
         self.config = config
         # The DNS verdicts outlive reloads: a reload must not forget what the last check found forged.
         self.verdicts = VerdictCache()
-        self.ctx = ProbeContext(config, verdicts=self.verdicts)
+        # Control handshakes follow each pair's history, kept across reloads too (probe.controls).
+        self.controls = ControlState(history=True)
+        self.ctx = ProbeContext(config, verdicts=self.verdicts, controls=self.controls)
         self.store = ResultStore(config)
         self.scheduler = Scheduler(
             config, self.ctx, self.store, probe_fn=probe_fn, dns_fn=dns_fn, concurrency=concurrency
@@ -68,7 +71,8 @@ class Service:
 
     async def probe_target(self, name: str) -> list[ProbeResult]:
         """Probe one configured target now over all its routes, with its DNS check."""
-        return await self.scheduler.run_target(name)
+        with without_history():  # /probe has no history: the control goes first wherever one is configured
+            return await self.scheduler.run_target(name)
 
     async def reload(self) -> str | None:
         """Load the config file again and switch to it; return None, or why the running config stays."""
@@ -81,7 +85,8 @@ class Service:
                           self.config_path, "; ".join(e.problems))
                 return str(e)
             old, old_ctx = self.config, self.ctx
-            self.config, self.ctx = new, ProbeContext(new, verdicts=self.verdicts)
+            self.config, self.ctx = new, ProbeContext(new, verdicts=self.verdicts, controls=self.controls)
+            self.controls.forget({(t.name, r) for t in new.targets for r in t.routes})
             changes = self.scheduler.apply(new, self.ctx)
             self.store.reload_succeeded(new)
             # Probes already running still use the old context; close it once they must have ended.

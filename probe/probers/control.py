@@ -101,7 +101,8 @@ def conclude(target: Target, route: Route, ctx: ProbeContext, trace: Trace, outc
             )
         else:
             trace.note(f"{sent}: {control.detail} after {control.seconds * 1000:.0f} ms either")
-    if residual is not None and endpoint is not None:
+    if residual is not None and endpoint is not None and not (control is not None and control.answered):
+        # (A control that answered shows the address is not blocked now: no residual block to blame.)
         trace.note(
             f"the previous run on {endpoint} failed at the TLS stage {residual:.0f} s before this one: residual "
             f"blocking (censors keep blocking an address for 90-180 s after they fire) may explain this {outcome}"
