@@ -158,3 +158,21 @@ def test_residual_window_is_180_seconds_and_only_before_the_run() -> None:
     assert controls.residual_age(where, 1181.0) is None
     assert controls.residual_age(Endpoint("198.51.100.20", 443, "tcp"), 1100.0) is None
     assert str(Endpoint("2001:db8::1", 443, "tcp")) == "[2001:db8::1]:443/tcp"
+
+
+def test_probe_sni_filtered_is_a_series_only_where_tested() -> None:
+    from probe.exporter.metrics import render
+    from probe.store import ResultStore
+
+    doc = {"vantage": "v", "targets": [{"name": n, "url": "https://example.com/", "control_sni": CONTROL}
+                                       for n in ("named", "address", "healthy")]}
+    cfg = config.loads(yaml.safe_dump(doc))
+    store = ResultStore(cfg)
+    store.record(ProbeResult("named", "direct", Outcome.TLS_TIMEOUT, 1.8e9, 1.0, sni_filtered=True))
+    store.record(ProbeResult("address", "direct", Outcome.TLS_TIMEOUT, 1.8e9, 1.0, sni_filtered=False))
+    store.record(ProbeResult("healthy", "direct", Outcome.OK, 1.8e9, 0.1))
+    lines = [line for line in render(store, cfg).decode().splitlines() if line.startswith("probe_sni_filtered{")]
+    assert lines == [
+        'probe_sni_filtered{vantage="v",target="named",route="direct"} 1.0',
+        'probe_sni_filtered{vantage="v",target="address",route="direct"} 0.0',
+    ]

@@ -134,7 +134,8 @@ def _random_store(rng: random.Random, n: int = 24, rounds: int = 25) -> tuple[Re
                     t.name, route, outcome, 1.8e9 + rng.random(), rng.choice(specials) if odd else rng.random() * 5,
                     phases=phases, http_status=rng.choice([None, 200, 451]),
                     throughput_bytes_per_second=rng.choice([None, rng.random() * 1e6, *specials]),
-                    tls=rng.choice([None, TLS, TlsInfo('TLS "odd"\\', rng.choice([None, math.inf, 1.9e9]))])))
+                    tls=rng.choice([None, TLS, TlsInfo('TLS "odd"\\', rng.choice([None, math.inf, 1.9e9]))]),
+                    sni_filtered=rng.choice([None, True, False])))
     return store, cfg
 
 

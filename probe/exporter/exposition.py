@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 
-from probe.config import Config, TargetKind
+from probe.config import Config
 from probe.models import Outcome
 from probe.ranking import Ranked
 from probe.store import LATENCY_BUCKETS, OUTCOMES, PHASES, SLOTS, PairState, ResultStore
@@ -38,6 +38,9 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("probe_route_score", "gauge",
      "Route score from the recent runs: p90 latency x (1 + failure share) + tier offset; lower is better."),
     ("probe_last_run_timestamp_seconds", "gauge", "When the last probe finished, unix seconds."),
+    ("probe_sni_filtered", "gauge",
+     "1: the last run proved name-based filtering (the control handshake answered, the target's did not); "
+     "0: neither answered. Absent when not tested."),
 )
 
 CHUNK_LINES = 10_000  # lines per chunk (~1 MB): the server writes (and the loop breathes) between chunks
@@ -100,7 +103,7 @@ def _rows(config: Config) -> list[_Row]:
     vantage = label_value(config.vantage)
     rows = [
         _Row(f'vantage="{vantage}",target="{label_value(t.name)}",route="{label_value(route)}"'.encode(),
-             (t.name, route), t.kind is TargetKind.HTTP, t.http is not None and t.http.download is not None)
+             (t.name, route), t.http is not None, t.http is not None and t.http.download is not None)
         for t in config.targets
         for route in t.routes
     ]
@@ -272,10 +275,15 @@ def _writers() -> list[tuple[int, Writer]]:
         return [b"probe_last_run_timestamp_seconds{%s} %s\n" % (r.labels, t.rsplit(b"|", 2)[1])
                 for r, t in zip(rows, texts, strict=True) if t]
 
+    def sni_filtered(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
+            ranked: object) -> list[bytes]:
+        return [b"probe_sni_filtered{%s} %s\n" % (r.labels, b"1.0" if s.latest.sni_filtered else b"0.0")
+                for r, s in zip(rows, states, strict=True) if s is not None and s.latest.sni_filtered is not None]
+
     return [
         (1, success), (1, duration), (_N_PHASES, http_phases), (1, status), (1, expiry), (1, tls_version),
         (_N_OUTCOMES, outcome), (1, blocked), (1, throughput), (_N_OUTCOMES, runs),
-        (_HISTOGRAM_LINES, phases), (1, rank), (1, score), (1, last_run),
+        (_HISTOGRAM_LINES, phases), (1, rank), (1, score), (1, last_run), (1, sni_filtered),
     ]
 
 

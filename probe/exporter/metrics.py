@@ -21,7 +21,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from probe.config import Config, Target, TargetKind
+from probe.config import Config, Target
 from probe.exporter.exposition import render_pairs
 from probe.models import PATH_STATS, Outcome, Phase
 from probe.store import Histogram, ResultStore
@@ -135,6 +135,11 @@ def _pair_families(store: ResultStore, config: Config, targets: list[Target]) ->
         "probe_phase_seconds", "Duration of each completed probe phase.", labels=[*PAIR_LABELS, "phase"]
     )
     rank = _gauge("probe_route_rank", "Rank of the route for the target; 1 is the one to use.")
+    sni_filtered = _gauge(
+        "probe_sni_filtered",
+        "1: the last run proved name-based filtering (the control handshake answered, the target's did not); "
+        "0: neither answered. Absent when not tested.",
+    )
     score = _gauge(
         "probe_route_score",
         "Route score from the last 20 runs: p90 x (1 + 4 x failure share) + s/MiB + tier offset; lower is better.",
@@ -162,7 +167,9 @@ def _pair_families(store: ResultStore, config: Config, targets: list[Target]) ->
             duration.add_metric(labels, result.duration_seconds)
             blocked.add_metric(labels, float(result.blocked))
             last_run.add_metric(labels, result.started_at + result.duration_seconds)
-            if target.kind is TargetKind.HTTP:
+            if result.sni_filtered is not None:
+                sni_filtered.add_metric(labels, float(result.sni_filtered))
+            if target.http is not None:  # HTTP/1.1 and HTTP/3
                 for phase in Phase:
                     http_phases.add_metric([*labels, phase.value], result.phases.get(phase, 0.0))
                 status.add_metric(labels, result.http_status or 0)
@@ -175,7 +182,7 @@ def _pair_families(store: ResultStore, config: Config, targets: list[Target]) ->
                 throughput.add_metric(labels, result.throughput_bytes_per_second)
     return [
         success, duration, http_phases, status, expiry, tls_version, outcome, blocked, throughput,
-        runs, phases, rank, score, last_run,
+        runs, phases, rank, score, last_run, sni_filtered,
     ]
 
 
