@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from aioquic.asyncio.server import QuicServer
+
 from probe import config as config_module
 from probe.demo.border import (
     DATA_DIR,
@@ -32,13 +34,15 @@ from probe.demo.border import (
     storage_app,
 )
 from probe.demo.dns import DnsAnswer, DnsServer, resolver
+from probe.demo.h3 import start_h3
+from probe.demo.quic_border import QuicMiddlebox
 from probe.service import serve
 
 FORGED = "127.0.0.2"  # where forged answers point: nothing of the demo listens there
 THROTTLE_BYTES_PER_SECOND = 64 * 1024
 ZONE = {f"{n}.demo": HOST for n in (
     "ok", "sni-reset", "sni-stall", "host-reset", "blockpage", "throttle", "intercept", "connect-reset",
-    "injected", "mismatch", "blackhole", "down",
+    "injected", "mismatch", "blackhole", "down", "h3", "quic-filtered",
 )}
 DNS_SPECIAL = {
     "injected.demo": DnsAnswer.INJECTED,
@@ -50,6 +54,8 @@ DNS_SPECIAL = {
 SNI_RULES = {"sni-reset.demo": Action.RESET, "sni-stall.demo": Action.STALL, "throttle.demo": Action.THROTTLE}
 HOST_RULES = {"host-reset.demo": Action.RESET, "blockpage.demo": Action.BLOCK_PAGE}
 CONNECT_RULES = {"connect-reset.demo": Action.RESET}
+QUIC_BLOCKED = {"quic-filtered.demo"}  # dropped over QUIC only: over TCP the same name passes
+QUIC_RESIDUAL_SECONDS = 1.0  # the GFW's is 180 s; shorter here, so that the next run's control answers again
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +80,8 @@ class Border:
         self.https_port = self.http_port = self.interceptor_port = 0
         self.boxes: list[Middlebox] = []
         self.proxy: ConnectProxy | None = None
+        self.h3_server: QuicServer | None = None
+        self.quic_boxes: list[QuicMiddlebox] = []
 
     async def start(self) -> None:
         """Start the servers abroad, the middleboxes in front of them, the resolvers and the proxy."""
@@ -100,9 +108,18 @@ class Border:
         await self.proxy_box.start()
         await self.dns.start()
         await self.control.start()
+        self.h3_server, self.h3_port = await start_h3()
+        # Two ports: the residual block after a trigger covers the whole (client, server, port) triple.
+        self.quic_boxes = [QuicMiddlebox(self.h3_port, QUIC_BLOCKED, QUIC_RESIDUAL_SECONDS) for _ in range(2)]
+        for quic_box in self.quic_boxes:
+            await quic_box.start()
 
     async def close(self) -> None:
         """Stop everything."""
+        for quic_box in self.quic_boxes:
+            quic_box.close()
+        if self.h3_server is not None:
+            self.h3_server.close()
         for box in self.boxes:
             await box.close()
         if self.proxy is not None:
@@ -149,6 +166,12 @@ class Border:
             DemoTarget("dns-gone", https("gone.demo"), "dns_nxdomain", "NXDOMAIN"),
             DemoTarget("dns-broken", https("broken.demo"), "dns_servfail", "SERVFAIL"),
             DemoTarget("dns-mute", https("mute.demo"), "dns_timeout", "the resolver never answers"),
+            DemoTarget("http3", {"url": f"https://h3.demo:{self.quic_boxes[0].port}/api/ping", "http_version": 3,
+                                 "expect": {"body_contains": "pong"}}, "ok", "HTTP/3 over QUIC, nothing in the way"),
+            DemoTarget("quic-filtered", {"url": f"https://quic-filtered.demo:{self.quic_boxes[1].port}/api/ping",
+                                         "http_version": 3, "control_sni": "ok.demo"}, "tls_timeout",
+                       "QUIC Initial decrypted, dropped by SNI (then sni_filtered 1: the control ok.demo answers)"),
+            DemoTarget("quic-filtered-tcp", https("quic-filtered.demo"), "ok", "the same name over TCP passes"),
         ]
 
     def config(self, interval: str, timeout: str) -> dict[str, Any]:
@@ -183,6 +206,10 @@ class Border:
             + ", ".join(f"{n} {a}" for n, a in DNS_SPECIAL.items()),
             f"  control DNS       udp {HOST}:{self.control.port}  honest",
             f"  black hole        {HOST}:{self.blackhole.port}    closed port {HOST}:{self.down}",
+            f"  HTTP/3 abroad     udp {HOST}:{self.h3_port}; border, QUIC  udp "
+            + ", ".join(f"{HOST}:{b.port}" for b in self.quic_boxes)
+            + f" -> :{self.h3_port}  by the SNI of decrypted Initials: drop {', '.join(sorted(QUIC_BLOCKED))}, "
+            f"then the client address for {QUIC_RESIDUAL_SECONDS:g} s",
             "targets and the outcome each should show:",
             *(f"  {t.name:<14} {t.outcome:<17} {t.why}" for t in self.targets()),
         ]
