@@ -7,6 +7,9 @@ runs as a real process inside the vantage namespace and is judged only by its JS
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +30,13 @@ from tests.lab.world import (
     LOSSY,
     MISISSUED,
     MISISSUER,
+    QUIC_FILTERED,
     RESET,
     RESIDUAL,
     RESOLVER,
     STORAGE,
     THROTTLED,
+    TLS_BLOCKED,
     LabEnv,
     expect,
     host_header,
@@ -270,6 +275,142 @@ def test_canary_without_dns_server_answers_through_the_injector(env: LabEnv) -> 
 def test_injector_leaves_other_names_alone(env: LabEnv) -> None:
     injector("--fingerprint", "gfw-a", "--name", "injected.example")(env.border)
     expect(env, env.once(https("t", "storage.example")), "t", "ok", False)
+
+
+# ---- QUIC filtering, control handshakes, residual blocking ----------------------------------
+
+
+QUIC_PORT = ["-p", "udp", "-m", "multiport", "--ports", "443"]  # both directions of every UDP 443 flow
+
+
+def quic_censor(border: Border, seconds: float = 30.0) -> None:
+    border.queue("quic_censor", "--trigger", "quic-blocked.example", "--seconds", str(seconds), match=QUIC_PORT)
+
+
+def h3(name: str, host: str, **extra: Any) -> dict[str, Any]:
+    return {**https(name, host), "http_version": 3, **extra}
+
+
+def test_quic_sni_filter_is_tls_timeout_and_proven_name_based(env: LabEnv) -> None:
+    quic_censor(env.border)
+    doc = env.once(
+        h3("quic", "quic-blocked.example", control_sni="quic-free.example"),
+        h3("quic-free", "quic-free.example"),  # a free name on another address
+        https("tcp", "quic-blocked.example", control_sni="quic-free.example"),  # the same name over TCP
+        timeout="1500ms",
+    )
+    expect(env, doc, "quic", "tls_timeout", True)
+    expect(env, doc, "quic-free", "ok", False)
+    expect(env, doc, "tcp", "ok", False)
+    quic = result(doc, "quic")
+    assert quic["sni_filtered"] is True, quic
+    assert any(e.startswith(f"control handshake to {QUIC_FILTERED}:443/udp with sni=quic-free.example, sent first: "
+                            "handshake completed") and e.endswith("the name is filtered, not the address")
+               for e in quic["evidence"]), quic["evidence"]
+    assert result(doc, "quic-free")["phases"].keys() == {"resolve", "tls", "processing", "transfer"}
+    assert result(doc, "tcp")["sni_filtered"] is None  # it got past the handshake: nothing to prove
+    assert "quic-blocked.example': triple blocked" in env.border.report()
+
+
+# A bare QUIC client in the vantage: send one Initial naming argv[1] from UDP port argv[3] to
+# argv[2]:443; print whether anything came back within 0.7 s.
+QUIC_INITIAL = """
+import socket, sys, time
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+conn = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=sys.argv[1]))
+peer = (sys.argv[2], 443)
+conn.connect(peer, now=time.monotonic())
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[3])))
+for data, _ in conn.datagrams_to_send(now=time.monotonic()):
+    s.sendto(data, peer)
+s.settimeout(0.7)
+try:
+    s.recvfrom(65536)
+    print("answered")
+except TimeoutError:
+    print("silent")
+"""
+
+
+def test_quic_censor_inspects_only_datagrams_from_the_higher_port(env: LabEnv) -> None:
+    from tests.lab import net
+
+    quic_censor(env.border)
+
+    def initial_from(port: int) -> str:
+        return net.sh(sys.executable, "-c", QUIC_INITIAL, "quic-blocked.example", QUIC_FILTERED, str(port),
+                      ns=net.VANTAGE).strip()
+
+    assert initial_from(400) == "answered"  # source port below 443: not inspected, as the GFW does
+    assert initial_from(40000) == "silent"  # above: decrypted, matched, dropped
+    assert initial_from(400) == "silent"  # and now the whole triple is blocked, from any client port
+
+
+def test_address_level_tls_block_is_not_name_filtered(env: LabEnv) -> None:
+    # Every TCP segment with a payload (a ClientHello, whatever its name) to the address is dropped.
+    env.border.rule("-p", "tcp", "-d", TLS_BLOCKED, "--dport", "443", "-m", "length", "--length", "200:65535",
+                    *DROP)
+    doc = env.once(https("t", "addr-blocked.example", control_sni="quic-free.example"), timeout="1500ms")
+    expect(env, doc, "t", "tls_timeout", True)
+    r = result(doc, "t")
+    assert r["sni_filtered"] is False, r
+    assert any(e.startswith(f"control handshake to {TLS_BLOCKED}:443/tcp with sni=quic-free.example, sent first: "
+                            "no answer after") and "the address is blocked for any name" in e
+               for e in r["evidence"]), r["evidence"]
+
+
+def test_tls_censor_with_residual_blocking_is_beaten_by_the_control_sent_first(env: LabEnv) -> None:
+    env.border.queue("tamper", "residual", "--trigger", "blocked-sni.example", "--seconds", "30",
+                     match=["-p", "tcp", "-s", VANTAGE_IP, "-d", RESIDUAL, "--dport", "443"])
+    trigger = {"name": "t", "address": f"{RESIDUAL}:443", "tls": True, "server_name": "blocked-sni.example",
+               "control_sni": "residual.example"}
+    doc = env.once(trigger)
+    expect(env, doc, "t", "tls_reset", True)
+    assert result(doc, "t")["sni_filtered"] is True  # the control went first, before the censor fired
+
+
+PROBE_RESULTS = """
+import json, sys, urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/results", timeout=2) as r:
+    print(json.dumps([x for x in json.load(r)["results"] if x["target"] == "quic"]))
+"""
+
+
+def test_probe_run_sends_the_control_after_a_tls_failure_and_names_residual_blocking(env: LabEnv) -> None:
+    from tests.lab import net
+
+    residual = 5.0
+    quic_censor(env.border, seconds=residual)
+    cfg = env.config(h3("quic", "quic-blocked.example", control_sni="quic-free.example", interval="1s"),
+                     timeout="800ms")
+    path = env.lab.directory / "run.json"
+    path.write_text(json.dumps(cfg))
+    port = 19516
+    run = net.start(net.VANTAGE, "probe-run", [sys.executable, "-m", "probe", "run", "-c", str(path), "--listen",
+                                                f"127.0.0.1:{port}"], env.lab.directory, wait_ready=False)
+    seen: dict[float, dict[str, Any]] = {}
+    try:
+        until = time.monotonic() + 25
+        while time.monotonic() < until and not any(r["sni_filtered"] for r in seen.values()):
+            out = net.sh(sys.executable, "-c", PROBE_RESULTS, str(port), ns=net.VANTAGE, check=False)
+            with contextlib.suppress(ValueError):
+                seen.update({r["started_at"]: r for r in json.loads(out)})
+            time.sleep(0.3)
+    finally:
+        run.stop()
+    runs = [seen[k] for k in sorted(seen)]
+    story = [(r["outcome"], r["sni_filtered"], any("residual blocking" in e for e in r["evidence"])) for r in runs]
+    # First run: no history, no control. Then the control goes first, but the censor still blocks the
+    # triple: inconclusive, and the evidence names residual blocking. Once the block has run out, the
+    # control is answered and the target's Initial is dropped again: the name is filtered.
+    assert story[0] == ("tls_timeout", None, False), story
+    assert ("tls_timeout", None, True) in story, story
+    assert story[-1] == ("tls_timeout", True, False), story
+    line = next(e for r in runs for e in r["evidence"] if "residual blocking" in e)
+    assert line.startswith(f"the previous run on {QUIC_FILTERED}:443/udp failed at the TLS stage"), line
 
 
 # Outcomes the dedicated tests above assert, beside the CASES table.

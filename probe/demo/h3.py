@@ -1,4 +1,4 @@
-"""The demo's HTTP/3 storage endpoint: aioquic's server with the shipped demo certificate.
+"""The demo's HTTP/3 storage endpoint (also the interference lab's): aioquic's server.
 
 Answers GET /api/ping with "pong" and anything else with 404, as the TCP storage app does.
 """
@@ -6,6 +6,7 @@ Answers GET /api/ping with "pong" and anything else with 404, as the TCP storage
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -40,12 +41,16 @@ class _Storage(QuicConnectionProtocol):
         self.transmit()
 
 
-async def start_h3() -> tuple[QuicServer, int]:
-    """Serve HTTP/3 on a free UDP port of HOST; return the server and its port."""
+async def start_h3(
+    host: str = HOST, port: int = 0, cert: str | Path = DATA_DIR / "server.pem",
+    key: str | Path = DATA_DIR / "server.key",
+) -> tuple[QuicServer, int]:
+    """Serve HTTP/3 on (host, port), port 0 for a free one; return the server and its port."""
     config = QuicConfiguration(is_client=False, alpn_protocols=list(H3_ALPN))
-    config.load_cert_chain(DATA_DIR / "server.pem", DATA_DIR / "server.key")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # serve() takes a port: find a free one
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-    server = await serve(HOST, port, configuration=config, create_protocol=_Storage)
+    config.load_cert_chain(cert, key)
+    if port == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # serve() takes a port: find a free one
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = await serve(host, port, configuration=config, create_protocol=_Storage)
     return server, port

@@ -10,7 +10,8 @@
       {"kind": "banner", "host": "198.51.100.20", "port": 22},
       {"kind": "dns", "host": "198.51.100.53", "port": 53, "zone": {"a.example": ["198.51.100.20"]},
        "servfail": ["broken.example"], "silent": ["mute.example"]},
-      {"kind": "doh", "host": "198.51.100.54", "port": 443, "cert": "...", "key": "...", "zone": {...}}]}
+      {"kind": "doh", "host": "198.51.100.54", "port": 443, "cert": "...", "key": "...", "zone": {...}},
+      {"kind": "h3", "host": "198.51.100.30", "port": 443, "cert": "...", "key": "..."}]}
 
 A web service answers /api/ping with `pong`, /probe/1MiB.bin and /probe/256KiB.bin with that
 much data, and /slow never. A TLS interceptor is a web service whose certificate is wrong for
@@ -30,7 +31,9 @@ from typing import Any
 
 import dns.message
 from aiohttp import web
+from aioquic.asyncio.server import QuicServer
 
+from probe.demo.h3 import start_h3
 from tests.dnsserver import Behaviour, DnsServer, Transport, answer, servfail
 
 BANNER = b"SSH-2.0-OpenSSH_9.2p1 lab\r\n"
@@ -135,6 +138,7 @@ async def serve(spec: dict[str, Any]) -> None:
     runners = [web_runner]
     servers: list[asyncio.Server] = []
     dns_servers: list[DnsServer] = []
+    quic_servers: list[QuicServer] = []
     try:
         for service in spec["services"]:
             host, port, kind = service["host"], int(service["port"]), service["kind"]
@@ -150,6 +154,9 @@ async def serve(spec: dict[str, Any]) -> None:
                 await runner.setup()
                 runners.append(runner)
                 await web.TCPSite(runner, host, port, ssl_context=tls_context(service)).start()
+            elif kind == "h3":  # HTTP/3 over QUIC on UDP, the same /api/ping
+                quic_server, _ = await start_h3(host, port, service["cert"], service["key"])
+                quic_servers.append(quic_server)
             else:
                 raise ValueError(f"unknown service kind {kind!r}")
         print("ready", flush=True)
@@ -159,6 +166,8 @@ async def serve(spec: dict[str, Any]) -> None:
     finally:
         for s in servers:
             s.close()
+        for q in quic_servers:
+            q.close()
         for d in dns_servers:
             await d.__aexit__(None, None, None)
         for r in runners:

@@ -24,9 +24,11 @@ STORAGE, GEO_NEAR, INTERCEPTED, MISISSUED = "198.51.100.20", "198.51.100.21", "1
 THROTTLED, RESIDUAL, BLACKHOLE, DELAYED, LOSSY = (f"198.51.100.{i}" for i in range(25, 30))
 RESOLVER, DOH, SOCKS, HTTP_PROXY = "198.51.100.53", "198.51.100.54", "198.51.100.80", "198.51.100.81"
 INTERCEPTOR, MISISSUER, POISON_TARGET = "203.0.113.44", "203.0.113.45", "203.0.113.66"
+QUIC_FILTERED, QUIC_FREE, TLS_BLOCKED = "198.51.100.30", "198.51.100.31", "198.51.100.32"
 CANARY = "203.0.113.53"  # nothing abroad has this address: any reply from it was injected
 HOSTS = [STORAGE, GEO_NEAR, INTERCEPTED, MISISSUED, THROTTLED, RESIDUAL, BLACKHOLE, DELAYED, LOSSY,
-         RESOLVER, DOH, SOCKS, HTTP_PROXY, INTERCEPTOR, MISISSUER, POISON_TARGET]
+         RESOLVER, DOH, SOCKS, HTTP_PROXY, INTERCEPTOR, MISISSUER, POISON_TARGET,
+         QUIC_FILTERED, QUIC_FREE, TLS_BLOCKED]
 
 # What the honest resolver abroad answers; the DoH control agrees except for GeoDNS names.
 ZONE = {
@@ -42,11 +44,15 @@ ZONE = {
     "blackhole.example": [BLACKHOLE],
     "delay.example": [DELAYED],
     "lossy.example": [LOSSY],
+    "quic-blocked.example": [QUIC_FILTERED],  # HTTP/3 and HTTPS; its name is on the QUIC blocklist only
+    "quic-free.example": [QUIC_FREE],  # HTTP/3, a name nobody filters
+    "addr-blocked.example": [TLS_BLOCKED],  # HTTPS on an address whose every TLS handshake is dropped
 }
 CONTROL_ZONE = {**ZONE, "geo.example": [STORAGE]}
 SERVFAIL, SILENT = ["broken.example"], ["mute.example"]
 NAMES = [*ZONE, *SERVFAIL, *SILENT, "missing.example"]
-WEB_HTTPS = [STORAGE, GEO_NEAR, THROTTLED, RESIDUAL, DELAYED, LOSSY]
+WEB_HTTPS = [STORAGE, GEO_NEAR, THROTTLED, RESIDUAL, DELAYED, LOSSY, QUIC_FILTERED, TLS_BLOCKED]
+WEB_H3 = [QUIC_FILTERED, QUIC_FREE]
 WEB_HTTP = [STORAGE, RESIDUAL, DELAYED]
 BANNERS = [STORAGE, DELAYED]
 
@@ -113,6 +119,7 @@ def _services(directory: Path) -> list[dict[str, Any]]:
     return [
         *({"kind": "web", "host": h, "port": 443, **good} for h in WEB_HTTPS),
         *({"kind": "web", "host": h, "port": 80} for h in WEB_HTTP),
+        *({"kind": "h3", "host": h, "port": 443, **good} for h in WEB_H3),
         *({"kind": "banner", "host": h, "port": 22} for h in BANNERS),
         {"kind": "web", "host": INTERCEPTOR, "port": 443, **untrusted},
         {"kind": "web", "host": POISON_TARGET, "port": 443, **untrusted},
