@@ -29,13 +29,13 @@ class TlsContexts:
 
     def unverified(self) -> ssl.SSLContext:
         """Return a context that accepts any certificate: the control handshake only asks whether a server answers."""
-        ctx = self._verify.get(_UNVERIFIED)
+        ctx = self._made.get((_UNVERIFIED, "http/1.1"))
         if ctx is None:
             ctx = ssl.create_default_context()
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
             ctx.set_alpn_protocols(["http/1.1"])
-            self._verify[_UNVERIFIED] = ctx
+            self._made[(_UNVERIFIED, "http/1.1")] = ctx
         return ctx
 
     def dns_tls(self, ca_file: str | None) -> ssl.SSLContext:
