@@ -9,14 +9,17 @@ from pathlib import Path
 
 
 def write_config(path: Path, urls: Sequence[str], *, interval: float, timeout: float | None = None,
-                 ca_file: str | None = None, routes: int = 1, source: str = "127.0.0.1") -> Path:
+                 ca_file: str | None = None, routes: int = 1, source: str = "127.0.0.1",
+                 http_version: int | None = None) -> Path:
     """Write a targets.yml (JSON is YAML) with one target per URL or host:port, over `routes` routes."""
     route_defs: list[dict[str, str]] = [{"name": "direct"}]
     route_defs += [{"name": f"bound{i}", "source_address": source} for i in range(1, routes)]
-    targets = []
+    targets: list[dict[str, object]] = []
     for i, url in enumerate(urls):
         key = "url" if "://" in url else "address"
         targets.append({"name": f"t{i:05d}", key: url, "routes": [r["name"] for r in route_defs]})
+        if http_version is not None:
+            targets[-1]["http_version"] = http_version
     config = {
         "vantage": "bench",
         "defaults": {"interval": f"{int(interval * 1000)}ms", "timeout": f"{int((timeout or interval) * 1000)}ms",

@@ -26,6 +26,8 @@ class Env:
     ports: dict[str, int]
 
     def url(self, kind: str) -> str:
+        if kind == "http3":
+            return f"https://{HOST}:{self.ports['h3']}/api/ping"
         return f"https://{HOST}:{self.ports['https']}/" if kind == "https" else f"{HOST}:{self.ports['tcp']}"
 
 
@@ -42,7 +44,7 @@ def project_cpu(env: Env, kind: str, rate: int, seconds: float, interval: float 
     """Run the project at `rate` probes/s of `kind`; return CPU seconds per 1,000 probes and lag."""
     n = max(1, round(rate * interval))
     cfg = write_config(env.workdir / f"cpu-{kind}-{rate}.yml", [env.url(kind)] * n, interval=interval,
-                       ca_file=env.pki.ca_file)
+                       ca_file=env.pki.ca_file, http_version=3 if kind == "http3" else None)
     with lab.project(env.workdir, str(cfg), f"{kind}-{rate}") as (proc, base):
         time.sleep(interval * 2 + 0.5)  # every job has run at least once: the steady state
         meter = CpuMeter({"project": proc.pid, "targets": env.targets.pid})

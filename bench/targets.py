@@ -1,8 +1,9 @@
-"""The benchmark's own targets: an HTTPS endpoint, a plain TCP port and a stats port, in one process.
+"""The benchmark's own targets: HTTPS and HTTP/3 endpoints, a plain TCP port and a stats port, in one process.
 
     python -m bench.targets --host 127.0.0.1 --cert leaf.pem --key leaf.key
 
-Prints one JSON line `{"https": PORT, "tcp": PORT, "stats": PORT}` once listening, then serves
+Prints one JSON line `{"https": PORT, "tcp": PORT, "stats": PORT, "h3": PORT}` once listening (h3: an
+HTTP/3 endpoint on UDP, aioquic's server as `probe demo` runs it), then serves
 until SIGTERM or --max-seconds. Raw asyncio protocols on uvloop (when installed), no web
 framework: the server's CPU per connection must stay far below either client's, and the
 benchmark measures it separately to show it. Every HTTPS connection is a fresh TLS handshake;
@@ -21,6 +22,8 @@ import signal
 import ssl
 import sys
 from urllib.parse import parse_qs, urlsplit
+
+from probe.demo.h3 import start_h3
 
 PONG = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 4\r\nConnection: close\r\n\r\npong"
 BACKLOG = 4096
@@ -131,10 +134,12 @@ async def serve(args: argparse.Namespace) -> None:
     )
     tcp = await loop.create_server(lambda: TcpHandler(counters), args.host, args.tcp_port, backlog=BACKLOG)
     stats = await loop.create_server(lambda: StatsHandler(counters), args.host, 0)
+    h3, h3_port = await start_h3(args.host, 0, args.cert, args.key)  # HTTP/3: GET / answers 404, /api/ping pong
     ports = {
         "https": https.sockets[0].getsockname()[1],
         "tcp": tcp.sockets[0].getsockname()[1],
         "stats": stats.sockets[0].getsockname()[1],
+        "h3": h3_port,
     }
     print(json.dumps(ports), flush=True)
     try:
@@ -143,6 +148,7 @@ async def serve(args: argparse.Namespace) -> None:
         pass
     for server in (https, tcp, stats):
         server.close()
+    h3.close()
 
 
 def main(argv: list[str] | None = None) -> int:
