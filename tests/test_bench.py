@@ -35,6 +35,13 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return dict(json.loads(Path(out).read_text()))
 
 
+def test_http3_probes_ran_and_their_cpu_was_measured(figures: dict[str, object]) -> None:
+    h3 = figures["http3"]
+    assert isinstance(h3, dict)
+    assert h3["probes"] > 10 and h3["ok"] >= 0.9 * h3["probes"], h3
+    assert 0 < h3["cpu_seconds_per_1000"] < 1000
+
+
 def test_both_tools_ran_every_probe_and_their_cpu_was_measured(figures: dict[str, object]) -> None:
     for kind, c in figures["cpu"].items():  # type: ignore[attr-defined]
         probe, blackbox = c["probe"], c["blackbox"]
