@@ -86,13 +86,20 @@ class ControlState:
             return None
         return before - at
 
-    def record(self, target: str, route: str, endpoint: Endpoint | None, outcome: Outcome) -> None:
-        """Learn from a finished run: a TLS-stage failure marks the pair and the endpoint."""
+    def record(
+        self, target: str, route: str, endpoint: Endpoint | None, outcome: Outcome, started: float | None = None
+    ) -> None:
+        """Learn from a finished run that began at `started`: a TLS-stage failure marks the pair and the endpoint.
+
+        The endpoint is marked as of the run's start, not its end: a run that overlapped it (a
+        /probe beside the scheduled run) began after the trigger and may meet its residual block.
+        """
         pair = (target, route)
         if outcome in TLS_STAGE_FAILURES:
             self._pending.add(pair)
             if endpoint is not None:
-                self._failed_at[endpoint] = self.now()
+                at = self.now() if started is None else started
+                self._failed_at[endpoint] = max(at, self._failed_at.get(endpoint, at))
                 self._failed_at.move_to_end(endpoint)
                 while len(self._failed_at) > MAX_REMEMBERED:
                     self._failed_at.popitem(last=False)

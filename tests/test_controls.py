@@ -157,6 +157,10 @@ def test_residual_window_is_180_seconds_and_only_before_the_run() -> None:
     assert controls.residual_age(where, 1100.0) == 100.0
     assert controls.residual_age(where, 1181.0) is None
     assert controls.residual_age(Endpoint("198.51.100.20", 443, "tcp"), 1100.0) is None
+    # A run that began before another one ended, after that one began (they overlapped), may meet its block.
+    controls.record("t", "direct", where, Outcome.TLS_TIMEOUT, started=1200.0)
+    now[0] = 1210.0
+    assert controls.residual_age(where, 1205.0) == 5.0
     assert str(Endpoint("2001:db8::1", 443, "tcp")) == "[2001:db8::1]:443/tcp"
 
 

@@ -107,5 +107,5 @@ def conclude(target: Target, route: Route, ctx: ProbeContext, trace: Trace, outc
             f"the previous run on {endpoint} failed at the TLS stage {residual:.0f} s before this one: residual "
             f"blocking (censors keep blocking an address for 90-180 s after they fire) may explain this {outcome}"
         )
-    ctx.controls.record(target.name, route.name, endpoint, outcome)
+    ctx.controls.record(target.name, route.name, endpoint, outcome, started)
     return verdict
