@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
+import logging
 import os
 import shutil
 import socket
@@ -34,6 +35,12 @@ from OpenSSL import crypto
 
 from probe.classify import QuicClosed, QuicStreamReset
 from probe.models import TlsInfo
+
+# aioquic logs every connection's version, ALPN and close at INFO, and a hostile peer's protocol
+# errors at WARNING: a probe's result already says what happened, once, with its outcome.
+_AIOQUIC_LOG = logging.getLogger("quic")
+if _AIOQUIC_LOG.level == logging.NOTSET:
+    _AIOQUIC_LOG.setLevel(logging.ERROR)
 
 FLOW_WINDOW = 1024 * 1024  # bytes the peer may have in flight to us, per stream and in all
 _CRYPTO_ERRORS = range(QuicErrorCode.CRYPTO_ERROR, QuicErrorCode.CRYPTO_ERROR + 0x100)
