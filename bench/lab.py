@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -42,7 +43,20 @@ def make_pki(directory: Path, *names: str) -> Pki:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a port that was free a moment ago."""
+    """Return a TCP port that was free a moment ago, below the kernel's ephemeral range.
+
+    A port from the ephemeral range (what bind(0) gives) stays free only until some outgoing
+    connection on the machine takes it as its source port: while `probe run` starts (a second or
+    two under load) the suites of other work on the machine did, and its listen failed.
+    """
+    for _ in range(200):
+        port = random.randrange(20000, 32000)  # Linux's ephemeral range starts at 32768
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
