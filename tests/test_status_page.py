@@ -120,7 +120,7 @@ def test_every_demo_outcome_is_in_the_grid_with_its_evidence(page: Page, demo: D
         expect(c.locator(".badge")).to_have_text(WORD[kind(outcome)])  # the class as a word, not by colour alone
         expect(c).to_contain_text(re.compile(r"rank \d of \d.* · for \d+s"))
         expect(c).to_have_class(re.compile(rf"\b{kind(outcome)}\b"))
-    expect(page.locator("#counts")).to_contain_text("16 targets, 18 pairs: 3 ok, 5 failing, 10 blocked")
+    expect(page.locator("#counts")).to_contain_text("19 targets, 21 pairs: 5 ok, 5 failing, 11 blocked")
     expect(page.locator("tr", has=page.locator('th:text-is("dns-injected")')).locator("th")).to_contain_text(
         "DNS: border-dns dns_injection (BLOCKED), control ok")
     expect(page.locator("tr", has=page.locator('th:text-is("sni-reset")')).locator("th")).to_contain_text(
@@ -140,7 +140,8 @@ def test_every_demo_outcome_is_in_the_grid_with_its_evidence(page: Page, demo: D
         expect(page.locator("#detail-title")).to_have_text(f"{target} over {route}: {outcome}")
         expect(detail).to_contain_text(re.compile(r"Last \d+ outcomes, oldest first"))
         if outcome == "ok":
-            expect(detail.locator(".phases-legend")).to_contain_text("connect")
+            # HTTP/3 has no connect phase: QUIC's handshake is the tls phase.
+            expect(detail.locator(".phases-legend")).to_contain_text("tls" if target == "http3" else "connect")
         else:
             expect(detail.locator("ul.evidence").first).to_contain_text(EVIDENCE[outcome])
         page.click("#close-detail")
@@ -180,17 +181,17 @@ def test_keyboard_reaches_every_cell_and_the_detail(page: Page, demo: DemoProces
     assert focused() == "sni-reset direct"
     for _ in range(len(EXPECTED)):
         page.keyboard.press("ArrowDown")
-    assert focused() == "dns-mute direct"  # the last row
+    assert focused() == "quic-filtered-tcp direct"  # the last row
     assert page.locator("td.cell[tabindex='0']").count() == 1  # one tab stop: Tab leaves the grid
     page.keyboard.press("Enter")
     expect(page.locator("#detail")).to_be_visible()
     assert page.evaluate("document.activeElement.id") == "detail-title"
-    expect(page.locator("#detail-title")).to_have_text("dns-mute over direct: dns_timeout")
+    expect(page.locator("#detail-title")).to_have_text("quic-filtered-tcp over direct: ok")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "probe-now"
     page.keyboard.press("Escape")
     expect(page.locator("#detail")).to_be_hidden()
-    assert focused() == "dns-mute direct"  # back where the operator was
+    assert focused() == "quic-filtered-tcp direct"  # back where the operator was
 
 
 # WCAG 2.1 relative luminance and contrast ratio.
