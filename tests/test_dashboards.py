@@ -52,6 +52,7 @@ def test_check_mode_reports_a_stale_dashboard(tmp_path: Path) -> None:
         ("overview", {"datasource", "vantage", "target", "route"}),
         ("latency", {"datasource", "vantage", "target", "route", "phase"}),
         ("routes", {"datasource", "vantage", "target", "route"}),
+        ("path", {"datasource", "vantage", "target", "route"}),
         ("dns", {"datasource", "vantage", "target", "resolver"}),
         ("health", {"datasource", "vantage"}),
     ],

@@ -261,3 +261,43 @@ def test_a_lossy_leader_loses_rank_1_even_when_the_gap_is_below_the_switch_margi
     # Both clean: the leader keeps rank 1 against a challenger that is not clearly better.
     steady = Candidate("t", "steady", ok_runs(0.00005), 10.0, PathStats(100, 0, 0.00002))
     assert [r.route for r in ranking.rank([clean, steady], leader=("t", "steady"))] == ["steady", "clean"]
+
+
+# --- time of day ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("timezone", "utc", "hour"),
+    [
+        ("Asia/Shanghai", (2026, 1, 15, 11, 30), 19),
+        ("Asia/Shanghai", (2026, 1, 15, 16, 30), 0),  # past midnight there, the same day in UTC
+        ("Europe/Berlin", (2026, 1, 15, 11, 30), 12),  # CET
+        ("Europe/Berlin", (2026, 7, 15, 11, 30), 13),  # CEST: DST comes from the zone
+        ("UTC", (2026, 7, 15, 11, 30), 11),
+    ],
+)
+def test_local_hour_of_the_vantage(timezone: str, utc: tuple[int, ...], hour: int) -> None:
+    from datetime import UTC, datetime
+
+    from probe.exporter.metrics import local_hour
+
+    assert local_hour(timezone, datetime(*utc, tzinfo=UTC)) == hour
+
+
+def test_the_local_hour_is_exported_once_with_the_configured_zone() -> None:
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from probe.exporter.metrics import render, render_target
+
+    cfg = loads("vantage: v\ntimezone: Asia/Shanghai\ntargets:\n  - {name: a, address: '127.0.0.1:9'}\n")
+    before = datetime.now(ZoneInfo("Asia/Shanghai")).hour
+    samples = [s for f in text_string_to_metric_families(render(ResultStore(cfg), cfg).decode()) for s in f.samples
+               if s.name == "probe_vantage_local_hour_info"]
+    after = datetime.now(ZoneInfo("Asia/Shanghai")).hour
+    assert len(samples) == 1 and samples[0].value == 1.0
+    assert samples[0].labels["vantage"] == "v" and samples[0].labels["timezone"] == "Asia/Shanghai"
+    assert int(samples[0].labels["hour"]) in {before, after}
+    assert b"probe_vantage_local_hour_info" not in render_target(ResultStore(cfg), cfg, "a")  # /probe: pairs only

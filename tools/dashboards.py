@@ -18,9 +18,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from grafana_foundation_sdk.builders import barchart, heatmap, stat, statetimeline, table, text, timeseries
 from grafana_foundation_sdk.builders import common as cb
 from grafana_foundation_sdk.builders import dashboard as db
-from grafana_foundation_sdk.builders import heatmap, stat, statetimeline, table, text, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as dm
@@ -52,6 +52,9 @@ from tools.panels import (
 )
 
 OUT = Path(__file__).resolve().parent.parent / "grafana" / "dashboards"
+# Recorded by deploy/prometheus/rules/path.rules.yml: path loss and p90 under the vantage's local hour.
+LOSS_BY_HOUR = "vantage_target_route_hour:probe_path_loss:ratio_5m"
+P90_BY_HOUR = "vantage_target_route_hour:probe_path_rtt_p90_seconds:max"
 
 
 
@@ -465,8 +468,72 @@ def health() -> db.Dashboard:
     return board
 
 
+def path() -> db.Dashboard:
+    """Path quality: loss, RTT and jitter per route over time, and by the vantage's hour of day over 7 days."""
+    board = base("probe-path", TITLES["probe-path"],
+                 "Loss and jitter from path sampling (targets with `path`), and the hours of the day they are worst "
+                 "in, in each vantage's own time zone.")
+    board = board.with_variable(datasource_variable())
+    for v in vantage_variables():
+        board = board.with_variable(v)
+    pair = "vantage, target, route"
+    board = board.with_panel(
+        timeseries.Panel().title("Path loss per route").datasource(DS)
+        .description("Share of path samples unanswered within their deadline (0.9 s): lost over sent.")
+        .with_target(q(
+            f"sum by ({pair}) (rate(probe_path_lost_total{{{PAIR}}}[$__rate_interval])) "
+            f"/ sum by ({pair}) (rate(probe_path_sent_total{{{PAIR}}}[$__rate_interval]))",
+            "{{vantage}} {{target}} {{route}}",
+        ))
+        .unit("percentunit").min(0).legend(legend_table()).height(8).span(12)
+    )
+    board = board.with_panel(
+        timeseries.Panel().title("Path RTT p90 per route").datasource(DS)
+        .with_target(q(f'max by ({pair}) (probe_path_rtt_seconds{{{PAIR},stat="p90"}})',
+                       "{{vantage}} {{target}} {{route}}"))
+        .unit("s").legend(legend_table()).height(8).span(12)
+    )
+    board = board.with_panel(
+        timeseries.Panel().title("Path jitter per route").datasource(DS)
+        .description("Mean absolute difference of consecutive RTTs of the last sampling run.")
+        .with_target(q(f"max by ({pair}) (probe_path_jitter_seconds{{{PAIR}}})", "{{vantage}} {{target}} {{route}}"))
+        .unit("s").legend(legend_table()).height(8).span(12)
+    )
+    board = board.with_panel(
+        table.Panel().title("Worst hour of day per route (7 days)").datasource(DS)
+        .description("The vantage's local hour (its `timezone`) with the highest mean path loss over the last "
+                     "7 days, from the hour-of-day recording rules (deploy/prometheus/rules/path.rules.yml).")
+        .with_target(q(
+            f"topk by ({pair}) (1, avg_over_time({LOSS_BY_HOUR}{{{PAIR}}}[7d]))",
+            instant=True, table_format=True,
+        ))
+        .with_transformation(transform("organize", excludeByName={"Time": True},
+                                       renameByName={"hour": "worst hour (local)", "Value": "mean loss"}))
+        .unit("percentunit").height(8).span(12)
+    )
+    for title, record, unit in (
+        ("Path loss by hour of day (7 days)", LOSS_BY_HOUR, "percentunit"),
+        ("Path p90 RTT by hour of day (7 days)", P90_BY_HOUR, "s"),
+    ):
+        board = board.with_panel(
+            barchart.Panel().title(title).datasource(DS)
+            .description("Mean over the last 7 days per local hour of the vantage (00-23, its `timezone`); "
+                         "one bar per vantage, target and route.")
+            .with_target(q(
+                f'label_join(avg_over_time({record}{{{PAIR}}}[7d]), "pair", " ", "vantage", "target", "route")',
+                instant=True, table_format=True,
+            ))
+            .with_transformation(transform("groupingToMatrix", columnField="pair", rowField="hour",
+                                           valueField="Value", emptyValue="null"))
+            .with_transformation(transform("sortBy", sort=[{"field": "hour\\pair"}]))
+            .x_field("hour\\pair")
+            .unit(unit).height(9).span(12)
+        )
+    return board
+
+
 DASHBOARDS: dict[str, Callable[[], db.Dashboard]] = {
-    "overview": overview, "latency": latency, "dns": dns, "routes": routes, "health": health,
+    "overview": overview, "latency": latency, "dns": dns, "routes": routes, "path": path, "health": health,
 }
 
 

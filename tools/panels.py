@@ -139,6 +139,7 @@ TITLES = {
     "probe-latency": "Probe / Latency",
     "probe-dns": "Probe / DNS integrity",
     "probe-routes": "Probe / Routes",
+    "probe-path": "Probe / Path quality",
     "probe-health": "Probe / Monitor health",
 }
 

@@ -6,6 +6,8 @@ Label values come only from config names and enum values, never from free text.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 from prometheus_client import (
     CollectorRegistry,
@@ -103,6 +105,7 @@ def _other_families(
     if target is None:
         out += _group_families(store, config)
         out += _prober_families(store, config.vantage)
+        out += [_local_hour_family(config)]
     return out
 
 
@@ -294,6 +297,24 @@ def _prober_families(store: ResultStore, vantage: str) -> list[Metric]:
     )
     reload_at.add_metric([vantage], store.last_reload_success)
     return [lag, reload_ok, reload_at]
+
+
+def local_hour(timezone: str | None, now: datetime | None = None) -> int:
+    """Return the hour of day (0-23) in `timezone` (an IANA name; None: the host's) at `now`, DST included."""
+    moment = now or datetime.now(UTC)
+    return (moment.astimezone(ZoneInfo(timezone)) if timezone else moment.astimezone()).hour
+
+
+def _local_hour_family(config: Config) -> Metric:
+    # Prometheus knows only UTC. The hour of day at the vantage as a label (24 values, one series
+    # at a time) lets one rule file the path series under it: deploy/prometheus/rules/path.rules.yml.
+    info = GaugeMetricFamily(
+        "probe_vantage_local_hour_info",
+        "The hour of day now in the vantage's time zone (config `timezone`, else the host's), as the label `hour`.",
+        labels=["vantage", "timezone", "hour"],
+    )
+    info.add_metric([config.vantage, config.timezone or "host", f"{local_hour(config.timezone):02d}"], 1)
+    return info
 
 
 def _add_histogram(family: HistogramMetricFamily, labels: list[str], hist: Histogram | None) -> None:
