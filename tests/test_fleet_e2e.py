@@ -175,6 +175,7 @@ def probe_config(vantage: str, storage_port: int, api_port: int, ca_file: Path, 
             "routes": list(ROUTES),
             "group": "blobs",  # two endpoints of the same content: the group ranking picks one
             "download": {"url": f"https://localhost:{port}/blob", "min_bytes_per_second": 1000},
+            "path": {"samples": 2, "spread": "100ms"},  # for the path dashboard and its hour-of-day rules
         }
 
     return {
@@ -204,10 +205,10 @@ def agent_config(vantage: str, probe: str, central: str) -> dict[str, Any]:
 
 
 def central_config(rules_file: Path, alertmanager: str) -> dict[str, Any]:
-    """The shipped prometheus.yml with the fast rules, this Alertmanager, 1 s evaluation."""
+    """The shipped prometheus.yml with the fast rules (and the path rules), this Alertmanager, 1 s evaluation."""
     cfg: dict[str, Any] = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    cfg["rule_files"] = [str(rules_file)]
+    cfg["rule_files"] = [str(rules_file), str(DEPLOY / "prometheus" / "rules" / "path.rules.yml")]
     cfg["alerting"]["alertmanagers"] = [{"static_configs": [{"targets": [alertmanager]}]}]
     cfg["scrape_configs"] = []  # every sample arrives by remote_write, as from vantages behind a border
     return cfg
