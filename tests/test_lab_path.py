@@ -169,3 +169,30 @@ def test_tcp_samples_through_the_lab_proxies(env: LabEnv, uplink: str) -> None:
     for route in ("hk-socks", "hk-http"):
         path = result(doc, "p0", route)["path"]
         assert (path["sent"], path["lost"], path["error"]) == (20, 0, None), path
+
+
+ICMP_SCRIPT = """
+import asyncio, json, sys
+from probe.config import Route
+from probe.net import sample
+
+async def main():
+    privileged = {"raw": True, "unprivileged": False}[sys.argv[2]]
+    print(json.dumps([await sample.icmp(sys.argv[1], Route("direct"), 0.9, privileged) for _ in range(3)]))
+
+asyncio.run(main())
+"""
+
+
+def test_icmp_echo_over_an_unprivileged_ping_socket(env: LabEnv) -> None:
+    # net.ipv4.ping_group_range is the namespace's own: allow root's group in the vantage only.
+    sysctl = "/proc/sys/net/ipv4/ping_group_range"
+    before = net.sh("cat", sysctl, ns=VANTAGE).strip()
+    net.sh("sh", "-c", f"echo '0 0' > {sysctl}", ns=VANTAGE)
+    try:
+        rtts = json.loads(net.sh(sys.executable, "-c", ICMP_SCRIPT, STORAGE, "unprivileged", ns=VANTAGE))
+    finally:
+        net.sh("sh", "-c", f"echo '{before}' > {sysctl}", ns=VANTAGE)
+    assert len(rtts) == 3 and all(r is not None and 0 < r < 0.1 for r in rtts), rtts
+    raw = json.loads(net.sh(sys.executable, "-c", ICMP_SCRIPT, STORAGE, "raw", ns=VANTAGE))
+    assert all(r is not None for r in raw), raw
