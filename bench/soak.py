@@ -11,6 +11,11 @@ descriptors, asyncio tasks and the probes done. At the end it judges flatness af
 warm-up: RSS growth under 5 % and no growth of fds or tasks (medians of the first and the
 last third compared, with a small slack for in-flight probes), prints the table and a
 verdict, and exits 1 if not flat.
+
+With `--hostile N`, N more targets point at hostile ports (endless 1-byte chunks, an endless
+body, headers trickled one a second), and `--healthy N` targets (4 routes each) at a port
+that always answers: every outcome of a healthy pair other than `ok` is a false outcome,
+counted, and the verdict fails on any.
 """
 
 from __future__ import annotations
@@ -40,7 +45,34 @@ ROUTES = ("direct", "b1", "b2", "b3")
 # --- the misbehaving servers (child process) -------------------------------------------
 
 
-async def _serve(ports: int, stall: float, mood_seconds: float, seed: int) -> None:
+async def _one_byte_chunks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    piece = b"1\r\nx\r\n" * 10000
+    while True:
+        writer.write(piece)
+        await writer.drain()
+
+
+async def _endless_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+    piece = b"x" * 65536
+    while True:
+        writer.write(piece)
+        await writer.drain()
+
+
+async def _trickled_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\n")
+    for i in range(3600):
+        writer.write(b"X-Slow-%d: 1\r\n" % i)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+
+HOSTILE = (_one_byte_chunks, _one_byte_chunks, _endless_body, _trickled_headers)
+
+
+async def _serve(ports: int, stall: float, mood_seconds: float, seed: int, hostile: int) -> None:
     rng = random.Random(seed)
     moods: dict[int, str] = {}
 
@@ -67,12 +99,43 @@ async def _serve(ports: int, stall: float, mood_seconds: float, seed: int) -> No
         finally:
             writer.transport.abort()
 
+    async def healthy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\npong")
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    def hostile_handler(index: int) -> Any:
+        behave = HOSTILE[index % len(HOSTILE)]
+
+        async def handle_hostile(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                await behave(reader, writer)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.transport.abort()
+
+        return handle_hostile
+
     servers = []
     for i in range(ports):
         moods[i] = "ok"
         server = await asyncio.start_server(functools.partial(handle, i), "127.0.0.1", 0, backlog=512)
         servers.append(server)
-    print(json.dumps([s.sockets[0].getsockname()[1] for s in servers]), flush=True)
+    good = await asyncio.start_server(healthy, "127.0.0.1", 0, backlog=512)
+    bad = [await asyncio.start_server(hostile_handler(i), "127.0.0.1", 0, backlog=512) for i in range(hostile)]
+    print(json.dumps({
+        "ports": [s.sockets[0].getsockname()[1] for s in servers],
+        "healthy": good.sockets[0].getsockname()[1],
+        "hostile": [s.sockets[0].getsockname()[1] for s in bad],
+    }), flush=True)
+    servers += [good, *bad]
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     while not stop.is_set():
@@ -100,6 +163,11 @@ class Sample:
     reloads: int
     lag_p99_ms: float
     inflight: int = -1  # probes running at the sample (-1: not recorded)
+    healthy_probes: int = 0  # probes of the always-answering port so far
+    healthy_false: int = 0  # ... whose outcome blamed the network (neither ok nor error)
+    healthy_error: int = 0  # ... whose outcome was error (the monitor's own fault, said so)
+    hostile_probes: int = 0
+    stall_p99_ms: float = float("nan")  # p99 bucket of prober_loop_stall_seconds so far
 
 
 def rss_mib() -> float:
@@ -114,8 +182,15 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def config_text(ports: list[int], pairs: int, interval: float, timeout: float, generation: int) -> str:
-    """Return a config with `pairs` (target, route) pairs; generations differ in names and intervals."""
+def config_text(
+    ports: list[int], pairs: int, interval: float, timeout: float, generation: int,
+    healthy: tuple[int, int] = (0, 0), hostile: list[int] | None = None,
+) -> str:
+    """Return a config with `pairs` (target, route) pairs; generations differ in names and intervals.
+
+    `healthy` is (port, count): count targets on the port that always answers, with a timeout of
+    500 ms; `hostile` ports get one target each, on the direct route.
+    """
     n_targets = pairs // len(ROUTES)
     routes = "".join(f"  - {{name: {r}, source_address: 127.0.0.1}}\n" for r in ROUTES[1:])
     lines = []
@@ -127,6 +202,13 @@ def config_text(ports: list[int], pairs: int, interval: float, timeout: float, g
         port = ports[i % len(ports)]
         where = f"url: 'http://127.0.0.1:{port}/ping'" if i % 2 else f"address: '127.0.0.1:{port}'"
         lines.append(f"  - {{name: {name}, {where}, interval: {every}s, routes: [{', '.join(ROUTES)}]}}\n")
+    port, count = healthy
+    for i in range(count):
+        where = f"url: 'http://127.0.0.1:{port}/ping'" if i % 2 else f"address: '127.0.0.1:{port}'"
+        lines.append(f"  - {{name: healthy{i}, {where}, interval: {interval}s, timeout: 500ms, "
+                     f"routes: [{', '.join(ROUTES)}]}}\n")
+    for i, port in enumerate(hostile or ()):
+        lines.append(f"  - {{name: hostile{i}, url: 'http://127.0.0.1:{port}/', interval: {interval}s}}\n")
     return (
         f"vantage: soak\ndefaults: {{timeout: {timeout}s}}\nroutes:\n  - {{name: direct}}\n{routes}"
         f"targets:\n{''.join(lines)}"
@@ -134,6 +216,7 @@ def config_text(ports: list[int], pairs: int, interval: float, timeout: float, g
 
 
 async def soak(args: argparse.Namespace) -> list[Sample]:
+    from probe import loop
     from probe.config import Route, Target
     from probe.context import ProbeContext
     from probe.models import ProbeResult
@@ -142,25 +225,37 @@ async def soak(args: argparse.Namespace) -> list[Sample]:
 
     child = subprocess.Popen(
         [sys.executable, "-m", "bench.soak", "--serve", str(args.ports), "--stall", str(args.timeout * 1.5),
-         "--seed", str(args.seed)],
+         "--seed", str(args.seed), "--hostile", str(args.hostile)],
         stdout=subprocess.PIPE, text=True,
     )
     try:
         assert child.stdout is not None
-        ports = json.loads(child.stdout.readline())
+        served = json.loads(child.stdout.readline())
+        ports = served["ports"]
+        extra = {"healthy": (served["healthy"], args.healthy), "hostile": served["hostile"]}
         workdir = Path(tempfile.mkdtemp(prefix="soak-"))
         path = workdir / "targets.yml"
-        path.write_text(config_text(ports, args.pairs, args.interval, args.timeout, 0))
-        done = inflight = 0
+        path.write_text(config_text(ports, args.pairs, args.interval, args.timeout, 0, **extra))
+        done = inflight = healthy_done = healthy_false = healthy_error = hostile_done = 0
 
         async def counted(target: Target, route: Route, ctx: ProbeContext) -> ProbeResult:
-            nonlocal done, inflight
+            nonlocal done, inflight, healthy_done, healthy_false, healthy_error, hostile_done
             inflight += 1
             try:
                 result = await run_probe(target, route, ctx)
             finally:
                 inflight -= 1
             done += 1
+            if target.name.startswith("healthy"):
+                healthy_done += 1
+                if result.outcome != "ok":
+                    healthy_error += result.outcome == "error"
+                    healthy_false += result.outcome != "error"
+                    if healthy_false + healthy_error <= 20:  # say what it was, a bounded number of times
+                        print(f"false outcome {result.outcome} for {target.name}/{route.name}: "
+                              f"{' | '.join(result.evidence)}", file=sys.stderr, flush=True)
+            elif target.name.startswith("hostile"):
+                hostile_done += 1
             return result
 
         service = Service(str(path), load_config(str(path), None), probe_fn=counted)
@@ -174,7 +269,7 @@ async def soak(args: argparse.Namespace) -> list[Sample]:
             while (now := time.monotonic()) < end:
                 if now >= next_reload:
                     generation += 1
-                    path.write_text(config_text(ports, args.pairs, args.interval, args.timeout, generation))
+                    path.write_text(config_text(ports, args.pairs, args.interval, args.timeout, generation, **extra))
                     error = await service.reload()
                     if error is not None:
                         raise RuntimeError(error)
@@ -187,6 +282,8 @@ async def soak(args: argparse.Namespace) -> list[Sample]:
                         t=round(time.monotonic() - started, 1), rss_mib=round(rss_mib(), 2), fds=open_fds(),
                         tasks=len(asyncio.all_tasks()), probes=done, reloads=reloads,
                         lag_p99_ms=round(_lag_p99(service) * 1000, 1), inflight=inflight,
+                        healthy_probes=healthy_done, healthy_false=healthy_false, hostile_probes=hostile_done,
+                        healthy_error=healthy_error, stall_p99_ms=round(_p99(loop.watch.cumulative()) * 1000, 1),
                     ))
                     if args.verbose:
                         print(json.dumps(asdict(samples[-1])), file=sys.stderr, flush=True)
@@ -207,7 +304,10 @@ def _lag_p99(service: object) -> float:
     cumulative = getattr(hist, "cumulative", None)
     if cumulative is None:
         return float("nan")
-    buckets = cumulative()
+    return _p99(cumulative())
+
+
+def _p99(buckets: list[tuple[float, int]]) -> float:
     total = buckets[-1][1] if buckets else 0
     for bound, count in buckets:
         if total and count >= 0.99 * total:
@@ -228,6 +328,10 @@ class Verdict:
     tasks_idle_last: float
     probes_per_second: float
     flat: bool
+    healthy_probes: int = 0
+    healthy_false: int = 0
+    healthy_error: int = 0
+    hostile_probes: int = 0
 
 
 def judge(samples: list[Sample], warmup: float) -> Verdict:
@@ -254,13 +358,17 @@ def judge(samples: list[Sample], warmup: float) -> Verdict:
         for k in ("fds", "tasks") for i, part in enumerate((first, last))
     }
     rate = (steady[-1].probes - steady[0].probes) / max(steady[-1].t - steady[0].t, 1e-9)
+    healthy_false = samples[-1].healthy_false
     flat = (growth < 5.0 and not grows(fds0, fds1) and not grows(tasks0, tasks1)
-            and idle["fds", 1] <= idle["fds", 0] + 2 and idle["tasks", 1] <= idle["tasks", 0] + 2)
+            and idle["fds", 1] <= idle["fds", 0] + 2 and idle["tasks", 1] <= idle["tasks", 0] + 2
+            and healthy_false == 0)
     return Verdict(
         rss_growth_percent=round(growth, 2), fds_first=fds0, fds_last=fds1, tasks_first=tasks0, tasks_last=tasks1,
         fds_idle_first=idle["fds", 0], fds_idle_last=idle["fds", 1],
         tasks_idle_first=idle["tasks", 0], tasks_idle_last=idle["tasks", 1],
-        probes_per_second=round(rate, 1), flat=flat,
+        probes_per_second=round(rate, 1), flat=flat, healthy_probes=samples[-1].healthy_probes,
+        healthy_false=healthy_false, healthy_error=samples[-1].healthy_error,
+        hostile_probes=samples[-1].hostile_probes,
     )
 
 
@@ -275,11 +383,18 @@ def markdown(doc: dict[str, Any], every: int = 6) -> str:
         "| lag p99 (ms, cumulative) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    mixed = bool(a.get("healthy") or a.get("hostile"))
+    if mixed:
+        lines[2] += " healthy probes | false | error | hostile probes | loop stall p99 (ms, cumulative) |"
+        lines[3] += "---:|---:|---:|---:|---:|"
     shown = samples[::every] + ([samples[-1]] if (len(samples) - 1) % every else [])
     for s in shown:
         lines.append(f"| {s['t']:.0f} | {s['rss_mib']:.1f} | {s['fds']} | {s['tasks']} | {s.get('inflight', '?')} "
                      f"| {s['probes']} | "
                      f"{s['reloads']} | {s['lag_p99_ms']:.0f} |")
+        if mixed:
+            lines[-1] += (f" {s['healthy_probes']} | {s['healthy_false']} | {s['healthy_error']} | "
+                          f"{s['hostile_probes']} | {s['stall_p99_ms']:.0f} |")
     lines += ["", f"Verdict: RSS {v['rss_growth_percent']:+.2f} % after warm-up (median of the first third against "
               f"the last), fds {v['fds_first']:.0f} -> {v['fds_last']:.0f}, tasks {v['tasks_first']:.0f} -> "
               f"{v['tasks_last']:.0f} (medians; without in-flight probes: fds "
@@ -287,6 +402,9 @@ def markdown(doc: dict[str, Any], every: int = 6) -> str:
               f"{v.get('tasks_idle_first', '?')} -> {v.get('tasks_idle_last', '?')}), "
               f"{v['probes_per_second']} probes/s: "
               f"{'FLAT' if v['flat'] else 'NOT FLAT'}."]
+    if mixed:
+        lines += ["", f"Healthy pairs: {v['healthy_false']} false outcomes and {v['healthy_error']} errors in "
+                      f"{v['healthy_probes']} probes; {v['hostile_probes']} probes of hostile targets."]
     return "\n".join(lines)
 
 
@@ -301,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--warmup", type=float, default=120.0, help="seconds ignored by the verdict")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--hostile", type=int, default=0, help="targets on hostile ports (1-byte chunks, ...)")
+    parser.add_argument("--healthy", type=int, default=0,
+                        help="targets (x4 routes, timeout 500 ms) on a port that always answers: false outcomes fail")
     parser.add_argument("--out", help="write samples and verdict as JSON here")
     parser.add_argument("--verbose", action="store_true", help="print each sample to stderr")
     parser.add_argument("--report", metavar="JSON", help="print a Markdown table of a saved run (from --out) and exit")
@@ -308,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall", type=float, default=3.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        asyncio.run(_serve(args.serve, args.stall, 5.0, args.seed))
+        asyncio.run(_serve(args.serve, args.stall, 5.0, args.seed, args.hostile))
         return 0
     if args.report:
         print(markdown(json.loads(Path(args.report).read_text())))
@@ -328,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{verdict.tasks_idle_last:.0f}), {verdict.probes_per_second} probes/s: "
         f"{'FLAT' if verdict.flat else 'NOT FLAT'}"
     )
+    if args.healthy or args.hostile:
+        print(f"healthy pairs: {verdict.healthy_false} false outcomes and {verdict.healthy_error} errors in "
+              f"{verdict.healthy_probes} probes; {verdict.hostile_probes} probes of hostile targets")
     if args.out:
         Path(args.out).write_text(json.dumps(
             {"args": {k: v for k, v in vars(args).items() if k not in ("serve", "out")},

@@ -48,6 +48,12 @@ class Unexpected(ProbeFailure):
     outcome = Outcome.HTTP_UNEXPECTED
 
 
+class MonitorStall(ProbeFailure):
+    """A timeout that was the monitor's own: its loop stalled, or the kernel had the answer in time."""
+
+    outcome = Outcome.ERROR
+
+
 class Throttled(ProbeFailure):
     """The download ran below `min_bytes_per_second`."""
 
@@ -85,6 +91,8 @@ _TIMEOUT_BY_STAGE = {
     Stage.TRANSFER: Outcome.HTTP_TIMEOUT,
     Stage.DOWNLOAD: Outcome.HTTP_TIMEOUT,
 }
+# Timeouts are the outcomes a stalled monitor can fake; run_traced re-reads them as MonitorStall.
+TIMEOUT_OUTCOMES = frozenset(_TIMEOUT_BY_STAGE.values())
 _RESET_BY_STAGE = {
     Stage.QUERY: Outcome.DNS_SERVFAIL,  # a resolver that hung up: resolution failed
     Stage.CONNECT: Outcome.TCP_REFUSED,  # an RST answering the SYN

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from probe import config as config_module
+from probe import loop
 from probe.config import Config, ConfigError, parse_hostport
 from probe.context import ProbeContext
 from probe.controls import ControlState, without_history
@@ -58,12 +59,14 @@ class Service:
         self._background: set[asyncio.Task[object]] = set()
 
     def start(self) -> None:
-        """Start probing (inside the running event loop)."""
+        """Start probing (inside the running event loop), with the watch of the loop's own stalls."""
+        loop.watch.start()
         self.scheduler.start()
 
     async def close(self) -> None:
         """Stop probing, wait for in-flight probes to end, release every session."""
         await self.scheduler.shutdown()
+        await loop.watch.stop()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -19,7 +19,7 @@ class Trace:
     __slots__ = (
         "started", "wall_started", "stage", "stage_started", "phases", "evidence",
         "address", "peer", "sni", "http_host", "body_bytes", "http_status", "throughput", "tls",
-        "port", "quic", "control",
+        "port", "quic", "control", "kernel_connected",
     )
 
     def __init__(self) -> None:
@@ -42,6 +42,9 @@ class Trace:
         self.port: int | None = None  # the port of the target's own handshake
         self.quic = False  # the handshake runs over QUIC (UDP), not TCP
         self.control: ControlHandshake | None = None  # the control handshake, when one was sent
+        # The kernel's handshake time of a connect the deadline interrupted though the kernel had
+        # completed it: the answer came in time and the monitor did not get to it.
+        self.kernel_connected: float | None = None
 
     def now(self) -> float:
         """Return the monotonic time of the phase clock."""

@@ -44,6 +44,16 @@ async def endless_chunked_body(reader: asyncio.StreamReader, writer: asyncio.Str
         await writer.drain()
 
 
+async def one_byte_chunks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer 200 chunked, with 1-byte chunks that never stop coming, as fast as the client reads."""
+    await _request(reader)
+    writer.write(HEAD_OK + b"Transfer-Encoding: chunked\r\n\r\n")
+    piece = b"1\r\nx\r\n" * 10000
+    while True:
+        writer.write(piece)
+        await writer.drain()
+
+
 async def endless_chunk_size(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answer 200 chunked, then a chunk-size line that never ends."""
     await _request(reader)

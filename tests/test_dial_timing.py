@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from probe.net import dial
+from probe.trace import Trace
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO layout is Linux's")
 
@@ -17,7 +18,7 @@ async def test_kernel_handshake_time_of_a_loopback_connect_is_small_and_positive
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        sock = await dial._direct_connect("127.0.0.1", port, None)
+        sock = await dial._direct_connect("127.0.0.1", port, None, Trace())
         try:
             rtt = dial.kernel_handshake_seconds(sock)
         finally:
@@ -38,4 +39,4 @@ async def test_refused_connect_raises_connection_refused() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # bound, never listening: the SYN is answered with a RST
         with pytest.raises(ConnectionRefusedError):
-            await dial._direct_connect("127.0.0.1", port, None)
+            await dial._direct_connect("127.0.0.1", port, None, Trace())

@@ -23,6 +23,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from probe import loop
 from probe.config import Config, Target
 from probe.exporter.exposition import render_pairs
 from probe.models import PATH_STATS, Outcome, Phase
@@ -286,6 +287,13 @@ def _prober_families(store: ResultStore, vantage: str) -> list[Metric]:
         labels=["vantage"],
     )
     _add_histogram(lag, [vantage], store.lag)
+    stall = HistogramMetricFamily(
+        "prober_loop_stall_seconds",
+        f"How late the event loop ran a {loop.TICK * 1000:.0f} ms timer: the monitor's own stalls "
+        "(a probe timing out across a long one is reported as error, not blocked).",
+        labels=["vantage"],
+    )
+    stall.add_metric([vantage], [(_le(b), float(n)) for b, n in loop.watch.cumulative()], loop.watch.sum)
     reload_ok = GaugeMetricFamily(
         "prober_config_last_reload_successful", "Whether the last config reload succeeded.", labels=["vantage"]
     )
@@ -296,7 +304,7 @@ def _prober_families(store: ResultStore, vantage: str) -> list[Metric]:
         labels=["vantage"],
     )
     reload_at.add_metric([vantage], store.last_reload_success)
-    return [lag, reload_ok, reload_at]
+    return [lag, stall, reload_ok, reload_at]
 
 
 def local_hour(timezone: str | None, now: datetime | None = None) -> int:

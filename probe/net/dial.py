@@ -243,7 +243,7 @@ async def open_socket(host: str, port: int, route: Route, trace: Trace) -> socke
             trace.peer += f" via {route.proxy.redacted()}"
             sock = await proxy_connect(host, port, route.proxy, route.source_address, trace)
         else:
-            sock = await _direct_connect(host, port, route.source_address)
+            sock = await _direct_connect(host, port, route.source_address, trace)
             handshake = kernel_handshake_seconds(sock)
     if handshake is not None:
         trace.phases[Phase.CONNECT] = before + handshake
@@ -260,7 +260,7 @@ def _name(address: object) -> str:
     return str(address)
 
 
-async def _direct_connect(host: str, port: int, source_address: str | None) -> socket.socket:
+async def _direct_connect(host: str, port: int, source_address: str | None, trace: Trace) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -277,9 +277,19 @@ async def _direct_connect(host: str, port: int, source_address: str | None) -> s
         if err:
             raise OSError(err, os.strerror(err))
     except BaseException:
+        trace.kernel_connected = _connected_in_kernel(sock)
         sock.close()
         raise
     return sock
+
+
+def _connected_in_kernel(sock: socket.socket) -> float | None:
+    """Return the kernel's handshake time if the socket is connected after all (the wait for it was cut short)."""
+    try:
+        sock.getpeername()
+    except OSError:  # not connected: the handshake really did not complete
+        return None
+    return kernel_handshake_seconds(sock)
 
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})

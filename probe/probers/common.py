@@ -8,8 +8,8 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 
-from probe import debuglog
-from probe.classify import DnsFailure, Stage, classify, describe
+from probe import debuglog, loop
+from probe.classify import TIMEOUT_OUTCOMES, DnsFailure, MonitorStall, Stage, classify, describe
 from probe.config import Route, Target, is_ip
 from probe.context import ProbeContext
 from probe.dns import lookup as dns
@@ -43,6 +43,10 @@ async def run_traced(
         error = describe(exc)
         trace.note(failure_evidence(trace, outcome, exc))
         failure = exc
+        if outcome in TIMEOUT_OUTCOMES and (why := own_delay(trace, target.timeout)) is not None:
+            stall = MonitorStall(why)  # never blame the network for the monitor's own stall
+            outcome, error, failure = classify(trace.stage, stall), describe(stall), stall
+            trace.note(why)
     if log is not None:
         log_classification(log, target, route, trace, outcome, failure)
     sni_filtered = conclude(target, route, ctx, trace, outcome)
@@ -61,6 +65,25 @@ async def run_traced(
         error=error,
         sni_filtered=sni_filtered,
     )
+
+
+STALL_SHARE = 0.25  # a timeout is the monitor's when its loop stalled this share of the probe's time
+
+
+def own_delay(trace: Trace, timeout: float) -> str | None:
+    """Return why a timeout was the monitor's own delay rather than the network's; None if it was not."""
+    if trace.kernel_connected is not None:
+        return (
+            f"the kernel completed the TCP handshake with {trace.peer} in {trace.kernel_connected * 1e6:.0f} us, "
+            "but the monitor did not get to it before the deadline: its own delay, not the network's"
+        )
+    total, longest = loop.watch.stalled(trace.started, trace.now())
+    if total >= STALL_SHARE * timeout:
+        return (
+            f"the monitor's event loop stalled for {total * 1000:.0f} ms (longest {longest * 1000:.0f} ms) "
+            f"of this probe's {trace.elapsed() * 1000:.0f} ms: the timeout is the monitor's, not the network's"
+        )
+    return None
 
 
 def failure_evidence(trace: Trace, outcome: Outcome, exc: BaseException) -> str:
