@@ -81,14 +81,22 @@ class Service:
         """Load the config file again and switch to it; return None, or why the running config stays."""
         async with self._reload_lock:
             try:
-                new = load_config(self.config_path, self.shard)
+                # Off the loop: reading and validating 10,000 targets takes seconds of CPU, which on
+                # the loop would stall every probe in flight (and make healthy targets time out).
+                new = await asyncio.to_thread(load_config, self.config_path, self.shard)
+                ctx = ProbeContext(new, verdicts=self.verdicts, controls=self.controls)
             except ConfigError as e:
                 self.store.reload_failed(str(e))
                 log.error("reload of %s failed, keeping the running config: %s",
                           self.config_path, "; ".join(e.problems))
                 return str(e)
+            except Exception as e:  # a loader bug must not keep the gauge at 1 nor end the service
+                error = f"{self.config_path}: cannot load: {type(e).__name__}: {e}"
+                self.store.reload_failed(error)
+                log.exception("reload of %s failed, keeping the running config", self.config_path)
+                return error
             old, old_ctx = self.config, self.ctx
-            self.config, self.ctx = new, ProbeContext(new, verdicts=self.verdicts, controls=self.controls)
+            self.config, self.ctx = new, ctx
             self.controls.forget({(t.name, r) for t in new.targets for r in t.routes})
             changes = self.scheduler.apply(new, self.ctx)
             self.store.reload_succeeded(new)

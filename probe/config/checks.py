@@ -11,6 +11,7 @@ import os
 import re
 import ssl
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +26,19 @@ class Checks:
         self.base_dir = base_dir
         self.problems: list[str] = []
         self._ca_checked: dict[str, str | None] = {}
+        self._defaults: dict[str, tuple[Any, bool]] = {}  # "defaults.KEY" -> (checked value, failed?)
+        self.defaults_failed = False
+
+    def once(self, path: str, check: Callable[[], T]) -> T:
+        """Run `check` of a value at `path` once if it is a default: every target shares the answer."""
+        if not path.startswith("defaults."):
+            return check()
+        if path not in self._defaults:
+            before = len(self.problems)
+            self._defaults[path] = (check(), len(self.problems) > before)
+        value, failed = self._defaults[path]
+        self.defaults_failed |= failed
+        return value  # type: ignore[no-any-return]
 
     def fail(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
@@ -149,12 +163,12 @@ class Checks:
                 out.append(parsed)
         return out
 
-    def references(self, raw: Any, path: str, known: set[str], what: str) -> tuple[str, ...]:
+    def references(self, raw: Any, path: str, known: AbstractSet[str], what: str) -> tuple[str, ...]:
         if not isinstance(raw, list) or not raw:
             got = "an empty list" if raw == [] else kind_of(raw)
             self.fail(path, f"must be a non-empty list of {what} names, not {got}")
             return ()
-        out: list[str] = []
+        out: dict[str, None] = {}  # a dict keeps the order and finds a repeat in O(1)
         for i, item in enumerate(raw):
             text = self.typed(item, f"{path}[{i}]", str, f"a {what} name")
             if text is None:
@@ -164,7 +178,7 @@ class Checks:
             elif text in out:
                 self.fail(f"{path}[{i}]", f"{what} {text!r} listed twice")
             else:
-                out.append(text)
+                out[text] = None
         return tuple(out)
 
     def regex(self, text: str, path: str) -> re.Pattern[str] | None:

@@ -69,8 +69,12 @@ class NetworkChecks(Checks):
             if raw_url is None:
                 self.fail(f"{path}.url", "missing (a doh resolver needs an https:// URL)")
             elif (text := self.typed(raw_url, f"{path}.url", str, "an https:// URL")) is not None:
-                parts = urlsplit(text)
-                if parts.scheme != "https" or not parts.hostname:
+                try:
+                    parts = urlsplit(text)
+                    host_ok = bool(parts.hostname) and parts.port != 0  # .port raises on a bad port
+                except ValueError:  # an unclosed [ of an IPv6 address, a bad port
+                    host_ok = False
+                if not host_ok or parts.scheme != "https":
                     self.fail(f"{path}.url", f"{text!r} must be an https:// URL")
                 else:
                     url = text

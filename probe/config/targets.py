@@ -122,7 +122,7 @@ class TargetChecks(PathChecks):
         if kind in (TargetKind.HTTP, TargetKind.HTTP3):
             expect_raw, expect_path = get("expect")
             if expect_raw is not None:
-                expect = self.expect(expect_raw, expect_path)
+                expect = self.once(expect_path, lambda: self.expect(expect_raw, expect_path))
                 if expect is not None:
                     http_kwargs["expect"] = expect
             method, method_path = get("method", "GET")
@@ -132,7 +132,8 @@ class TargetChecks(PathChecks):
                 http_kwargs["method"] = method
             headers_raw, headers_path = get("headers")
             if headers_raw is not None:
-                http_kwargs["headers"] = self.request_headers(headers_raw, headers_path)
+                http_kwargs["headers"] = self.once(
+                    headers_path, lambda: self.request_headers(headers_raw, headers_path))
             mbb, mbb_path = get("max_body_bytes")
             if mbb is not None and (n := self.positive_int(mbb, mbb_path)) is not None:
                 http_kwargs["max_body_bytes"] = n
@@ -141,14 +142,16 @@ class TargetChecks(PathChecks):
                 http_kwargs["follow_redirects"] = fr
             dl_raw, dl_path = get("download")
             if dl_raw is not None:
-                http_kwargs["download"] = self.download(dl_raw, dl_path)
+                http_kwargs["download"] = self.once(dl_path, lambda: self.download(dl_raw, dl_path))
                 dl_url = http_kwargs["download"].url if http_kwargs["download"] is not None else ""
                 if kind is TargetKind.HTTP3 and not dl_url.startswith("https://"):
                     self.fail(f"{dl_path}.url", "an http_version 3 target downloads over HTTP/3: use an https:// url")
         interval_raw, interval_path = get("interval", None)
-        interval = DEFAULT_INTERVAL if interval_raw is None else self.duration(interval_raw, interval_path)
+        interval = (DEFAULT_INTERVAL if interval_raw is None
+                    else self.once(interval_path, lambda: self.duration(interval_raw, interval_path)))
         timeout_raw, timeout_path = get("timeout", None)
-        timeout = DEFAULT_TIMEOUT if timeout_raw is None else self.duration(timeout_raw, timeout_path)
+        timeout = (DEFAULT_TIMEOUT if timeout_raw is None
+                   else self.once(timeout_path, lambda: self.duration(timeout_raw, timeout_path)))
         if interval is not None and timeout is not None:
             if timeout_raw is None:
                 timeout = min(timeout, interval)
@@ -159,7 +162,7 @@ class TargetChecks(PathChecks):
                 self.fail(timeout_path, f"timeout {timeout_raw} is longer than the interval ({interval:g}s)")
         kwargs["interval"], kwargs["timeout"] = interval, timeout
         ca_raw, ca_path = get("ca_file")
-        kwargs["ca_file"] = self.ca_file(ca_raw, ca_path)
+        kwargs["ca_file"] = self.once(ca_path, lambda: self.ca_file(ca_raw, ca_path))
         dnssec_raw, dnssec_path = get("dnssec", False)
         if self.typed(dnssec_raw, dnssec_path, bool, "true or false") is not None:
             kwargs["dnssec"] = dnssec_raw
@@ -181,7 +184,8 @@ class TargetChecks(PathChecks):
                           "query, ClientHello or request")
             kwargs["locate"] = locate_raw
         routes_raw, routes_path = get("routes", ["direct"])
-        kwargs["routes"] = self.references(routes_raw, routes_path, set(known_routes), "route")
+        kwargs["routes"] = self.once(
+            routes_path, lambda: self.references(routes_raw, routes_path, known_routes.keys(), "route"))
         path_raw, path_path = get("path")
         if path_raw is not None:
             chosen = tuple(known_routes[r] for r in kwargs["routes"])
@@ -200,8 +204,8 @@ class TargetChecks(PathChecks):
             kwargs["resolvers"] = resolver_names
         else:
             known = set(resolver_names) | {SYSTEM_RESOLVER.name}  # like routes and Config.resolver
-            kwargs["resolvers"] = self.references(res_raw, res_path, known, "resolver")
-        if len(self.problems) > before or name is None:
+            kwargs["resolvers"] = self.once(res_path, lambda: self.references(res_raw, res_path, known, "resolver"))
+        if len(self.problems) > before or name is None or self.defaults_failed:
             return None
         if kind in (TargetKind.HTTP, TargetKind.HTTP3):
             kwargs["http"] = HttpCheck(**http_kwargs)
@@ -228,7 +232,11 @@ class TargetChecks(PathChecks):
         return text
 
     def http_url(self, url: str, path: str) -> tuple[str, int] | None:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as e:  # an unclosed [ of an IPv6 address
+            self.fail(path, f"{url[:200]!r} is not a URL: {e}")
+            return None
         if parts.scheme not in ("http", "https"):
             self.fail(path, f"{url!r} must start with http:// or https://")
             return None

@@ -79,5 +79,6 @@ def parse_proxy(text: str) -> Proxy:
 
 def _redact(url: str) -> str:
     # Greedy up to the last '@': an unencoded '@' or '/' in a password must not leak.
-    return re.sub(r"//.*@", "//***@", url)
+    # DOTALL: a line break in the password must not end the match and leak the rest.
+    return re.sub(r"//.*@", "//***@", url, flags=re.DOTALL)
 

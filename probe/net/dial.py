@@ -260,7 +260,9 @@ def _name(address: object) -> str:
     return str(address)
 
 
-async def _direct_connect(host: str, port: int, source_address: str | None, trace: Trace) -> socket.socket:
+async def _direct_connect(
+    host: str, port: int, source_address: str | None, trace: Trace | None = None
+) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -277,7 +279,8 @@ async def _direct_connect(host: str, port: int, source_address: str | None, trac
         if err:
             raise OSError(err, os.strerror(err))
     except BaseException:
-        trace.kernel_connected = _connected_in_kernel(sock)
+        if trace is not None:
+            trace.kernel_connected = _connected_in_kernel(sock)
         sock.close()
         raise
     return sock
