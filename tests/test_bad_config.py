@@ -2,11 +2,13 @@
 
 The table is every `tests/testdata/invalid-*.yml` fixture (their exact messages are in
 test_config.py) plus files made here: 10 MB, a directory, not UTF-8, NUL bytes, an
-alias bomb. Each is fed to one real `probe run` by SIGHUP and by POST /-/reload.
+alias bomb, a FIFO, a symlink to /dev/zero. Each is fed to one real `probe run` by SIGHUP
+and by POST /-/reload.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from pathlib import Path
@@ -27,9 +29,19 @@ ALIAS_BOMB = "".join(
 FIELD = re.compile(r"^[a-z_]+(\[\d+\])?(\.[A-Za-z0-9_-]+(\[\d+\])?)*: \S")
 
 
-def made_configs() -> dict[str, bytes | None]:
+FIFO, DEV_ZERO = "fifo", "dev-zero"  # made at the path itself: a FIFO, a symlink to /dev/zero
+
+
+def made_configs() -> dict[str, bytes | str | None]:
     """Broken files the fixtures folder cannot hold; None: a directory instead of a file."""
     return {
+        "a-fifo": FIFO,  # would hang a reader that opened it blocking
+        "symlink-to-dev-zero": DEV_ZERO,  # size 0, and never ends
+        "nested-500-levels": b"targets: " + b"[" * 500 + b"]" * 500 + b"\n",
+        "ipv6-url-typo": b"targets: [{name: a, url: 'http://[2001:db8::1/'}]\n",
+        "int-tag": b"targets: [{name: a, address: 'a:1', timeout: !!int x}]\n",
+        "float-tag": b"targets: [{name: a, address: 'a:1', timeout: !!float x}]\n",
+        "timestamp-tag": b"targets: [{name: a, address: 'a:1', timeout: !!timestamp x}]\n",
         "ten-megabytes": b"targets: []\n" + b"# padding\n" * 1_000_000,
         "a-directory": None,
         "not-utf8": b"vantage: z\xfcrich\ntargets: []\n",
@@ -43,19 +55,38 @@ def all_broken(tmp_path: Path) -> list[tuple[str, Path]]:
     cases = [(p.stem.removeprefix("invalid-"), p) for p in sorted(TESTDATA.glob("invalid-*.yml"))]
     for name, data in made_configs().items():
         path = tmp_path / f"{name}.yml"
-        if data is None:
-            path.mkdir()
-        else:
-            path.write_bytes(data)
+        put(path, data)
         cases.append((name, path))
     return cases
+
+
+def put(path: Path, data: bytes | str | None) -> None:
+    """Make `path` a file of `data`, a directory (None), a FIFO or a symlink to /dev/zero."""
+    if data is None:
+        path.mkdir()
+    elif data == FIFO:
+        os.mkfifo(path)
+    elif data == DEV_ZERO:
+        path.symlink_to("/dev/zero")
+    else:
+        assert isinstance(data, bytes)
+        path.write_bytes(data)
+
+
+def kind(path: Path) -> bytes | str | None:
+    """Return what `put` needs to make a copy of `path`."""
+    if path.is_symlink():
+        return DEV_ZERO
+    if path.is_fifo():
+        return FIFO
+    return None if path.is_dir() else path.read_bytes()
 
 
 def test_probe_check_rejects_every_broken_config_naming_the_field_or_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cases = all_broken(tmp_path)
-    assert len(cases) >= 55
+    assert len(cases) >= 65
     for name, path in cases:
         code = cli.main(["check", "-c", str(path)])
         err = capsys.readouterr().err
@@ -84,14 +115,11 @@ async def test_running_service_keeps_its_config_through_every_broken_reload(tmp_
             return re.findall(r"^prober_config_last_reload_successful\S* (\S+)", await metrics(), re.M)[0]
 
         for name, path in cases:
-            if cfg.is_dir():
+            if cfg.is_dir() and not cfg.is_symlink():
                 cfg.rmdir()
             else:
                 cfg.unlink()
-            if path.is_dir():
-                cfg.mkdir()
-            else:
-                cfg.write_bytes(path.read_bytes())
+            put(cfg, kind(path))
             # SIGHUP: the log says why, the old config stays.
             seen = len(running.lines)
             running.proc.send_signal(signal.SIGHUP)
@@ -105,8 +133,10 @@ async def test_running_service_keeps_its_config_through_every_broken_reload(tmp_
             assert 'target="keep"' in text, name
             assert await reload_gauge() == "0.0", name
             assert running.proc.returncode is None, name
-        if cfg.is_dir():
+        if cfg.is_dir() and not cfg.is_symlink():
             cfg.rmdir()
+        else:
+            cfg.unlink()
         cfg.write_text(GOOD.replace("keep", "fixed"))
         running.proc.send_signal(signal.SIGHUP)
 

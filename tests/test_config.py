@@ -132,7 +132,26 @@ INVALID: list[tuple[str, list[str]]] = [
             "routes[1].proxy: bad proxy 'socks5://***@10.0.0.5': needs host:port",
             "routes[2].proxy: bad proxy 'http://***@10.0.0.6:3128': only scheme://[user:pass@]host:port",
             "routes[3].proxy: bad proxy 'socks5h://***@10.0.0.7:99999': bad port",
+            "routes[4].proxy: bad proxy 'socks5://***@10.0.0.8': needs host:port",
         ],
+    ),
+    (
+        "invalid-url-ipv6-unclosed.yml",
+        [
+            "resolvers[0].url: 'https://[2001:db8::53/dns-query' must be an https:// URL",
+            "targets[0].url: 'http://[2001:db8::1/' is not a URL: Invalid IPv6 URL",
+            "targets[1].download.url: 'https://[2001:db8::2/1MiB.bin' is not a URL: Invalid IPv6 URL",
+        ],
+    ),
+    (
+        "invalid-yaml-nested-too-deep.yml",
+        ["{file}: YAML syntax error at line 2, column 73: nested deeper than 64 levels"],
+    ),
+    ("invalid-yaml-bad-int-tag.yml", ["{file}: YAML syntax error at line 3, column 55: bad !!int value 'lots'"]),
+    ("invalid-yaml-bad-float-tag.yml", ["{file}: YAML syntax error at line 5, column 21: bad !!float value 'big'"]),
+    (
+        "invalid-yaml-bad-timestamp-tag.yml",
+        ["{file}: YAML syntax error at line 3, column 49: bad !!timestamp value 'yesterday'"],
     ),
     ("invalid-source-address-not-ip.yml", ["routes[1].source_address: 'eth1' is not an IP address"]),
     (
@@ -337,7 +356,7 @@ def test_config_error_message_is_one_line_per_problem() -> None:
 
 def test_proxy_credentials_appear_in_no_problem() -> None:
     text = "\n".join(problems_of(TESTDATA / "invalid-proxy-secrets-not-echoed.yml"))
-    for secret in ("alice", "s3cret", "bob", "p@ss", "w0rd", "carol", "hunter2"):
+    for secret in ("alice", "s3cret", "bob", "p@ss", "w0rd", "carol", "hunter2", "dave", "line", "break"):
         assert secret not in text
 
 

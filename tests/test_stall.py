@@ -134,28 +134,18 @@ async def test_a_real_timeout_without_a_stall_stays_the_networks() -> None:
     assert "stalled" not in " ".join(result.evidence)
 
 
-async def test_a_body_of_1_byte_chunks_costs_memory_like_its_limit_and_never_holds_the_loop() -> None:
+async def test_a_body_of_1_byte_chunks_is_refused_early_in_bounded_memory() -> None:
     async with raw_server(hostile.one_byte_chunks) as port:
         cfg = one_target({"url": f"http://127.0.0.1:{port}/", "max_body_bytes": MiB}, timeout="3s")
-        ticks: list[float] = []
-
-        async def ticker() -> None:
-            while True:
-                ticks.append(time.perf_counter())
-                await asyncio.sleep(0.01)
-
-        tick = asyncio.ensure_future(ticker())
         tracemalloc.start()
         try:
             result = await probe_once(cfg)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-            tick.cancel()
-    assert result.outcome in {Outcome.OK, Outcome.HTTP_TIMEOUT}, result
+    assert result.outcome is Outcome.HTTP_UNEXPECTED, result
+    assert "not an honest server" in " ".join(result.evidence), result.evidence
     assert peak <= 4 * MiB, f"peak {peak / MiB:.1f} MiB for a 1 MiB limit"
-    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
-    assert len(gaps) > 20 and max(gaps) < 0.2, f"the loop was held {max(gaps) * 1000:.0f} ms"
 
 
 async def test_a_hostile_chunk_server_beside_healthy_targets_gives_them_no_false_outcome(tmp_path: Path) -> None:

@@ -104,11 +104,11 @@ def _guarded(construct: Callable[[yaml.SafeLoader, yaml.Node], Any]) -> Callable
     def checked(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
         try:
             return construct(loader, node)
-        except (ValueError, TypeError, AttributeError, OverflowError, ArithmeticError) as e:
+        except (ValueError, TypeError, AttributeError, ArithmeticError):
             tag = str(node.tag).rsplit(":", 1)[-1]
             value = str(node.value)[:60] if isinstance(node, yaml.ScalarNode) else ""
             raise yaml.constructor.ConstructorError(
-                None, None, f"bad !!{tag} value {value!r} ({type(e).__name__})", node.start_mark
+                None, None, f"bad !!{tag} value {value!r}", node.start_mark
             ) from None
 
     return checked

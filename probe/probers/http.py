@@ -30,6 +30,9 @@ MAX_REDIRECTS = 10
 READ_CHUNK = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024  # a response head larger than this is not an honest storage API
 EVENTS_PER_WAKEUP = 256  # h11 events parsed before yielding to the loop: a peer of 1-byte chunks cannot hold it
+# A body in more than this many pieces averaging under TINY_CHUNK bytes is refused: parsing costs
+# ~5 us a piece, and a 1 MiB body of 1-byte chunks would cost seconds of CPU.
+MAX_TINY_EVENTS, TINY_CHUNK = 4096, 64
 DOWNLOAD_MARGIN = 0.05  # stop the download this share of the timeout early, to report its rate
 _REDIRECTS = {301, 302, 303, 307, 308}
 USER_AGENT = f"probe/{__version__} (cross-border connectivity monitor)"
@@ -209,6 +212,11 @@ async def _read_body(
         events += 1
         if events % EVENTS_PER_WAKEUP == 0:
             await asyncio.sleep(0)  # buffered events never suspend: let the loop run other probes
+            if events > MAX_TINY_EVENTS and trace.body_bytes < events * TINY_CHUNK:
+                raise Unexpected(
+                    f"body sent in {events}+ pieces of {trace.body_bytes / events:.1f} bytes on average after "
+                    f"{trace.body_bytes} bytes: not an honest server"
+                )
         if isinstance(event, h11.Data):
             take = min(len(event.data), limit - trace.body_bytes)
             if keep:
