@@ -216,6 +216,7 @@ INVALID: list[tuple[str, list[str]]] = [
         [
             "resolvers[0].control: must be true or false, not a string",
             "targets[0].follow_redirects: must be true or false, not a string",
+            "targets[0].allow_insecure_redirects: must be true or false, not a string",
         ],
     ),
     (

@@ -27,6 +27,7 @@ from tests.dnsserver import DnsServer, Transport
 KEYS = sorted(
     {"vantage", "listen", "defaults", "resolvers", "canaries", "bogons", "routes", "targets", "name", "url",
      "address", "tls", "server_name", "expect", "method", "headers", "max_body_bytes", "follow_redirects",
+     "allow_insecure_redirects",
      "download", "interval", "timeout", "ca_file", "type", "control", "proxy", "source_address", "resolver",
      "status", "body_contains", "body_regex", "min_bytes_per_second", "max_bytes", "group"}
 )

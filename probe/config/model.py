@@ -120,6 +120,7 @@ class HttpCheck:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     follow_redirects: bool = True
     download: Download | None = None
+    allow_insecure_redirects: bool = False  # follow an https -> http redirect (else http_unexpected)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,12 +27,14 @@ from probe.config.values import parse_hostport
 
 _TARGET_KEYS = {
     "name", "url", "address", "tls", "server_name", "expect", "method", "headers",
-    "max_body_bytes", "follow_redirects", "download", "routes", "resolvers",
+    "max_body_bytes", "follow_redirects", "allow_insecure_redirects", "download", "routes", "resolvers",
     "interval", "timeout", "ca_file", "dnssec", "dns_reply_window", "group", "path", "locate",
     "http_version", "control_sni",
 }
 DEFAULTABLE = _TARGET_KEYS - {"name", "url", "address", "group", "http_version"}
-_URL_ONLY_KEYS = ("expect", "method", "headers", "download", "follow_redirects", "max_body_bytes")
+_URL_ONLY_KEYS = (
+    "expect", "method", "headers", "download", "follow_redirects", "max_body_bytes", "allow_insecure_redirects",
+)
 _EXPECT_KEYS = {"status", "body_contains", "body_regex", "headers"}
 _DOWNLOAD_KEYS = {"url", "min_bytes_per_second", "max_bytes"}
 
@@ -140,6 +142,9 @@ class TargetChecks(PathChecks):
             fr, fr_path = get("follow_redirects", True)
             if self.typed(fr, fr_path, bool, "true or false") is not None:
                 http_kwargs["follow_redirects"] = fr
+            insecure, insecure_path = get("allow_insecure_redirects", False)
+            if self.typed(insecure, insecure_path, bool, "true or false") is not None:
+                http_kwargs["allow_insecure_redirects"] = insecure
             dl_raw, dl_path = get("download")
             if dl_raw is not None:
                 http_kwargs["download"] = self.once(dl_path, lambda: self.download(dl_raw, dl_path))

@@ -62,7 +62,7 @@ class Fetch(Protocol):
 
     def __call__(
         self, url: str, target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace,
-        *, phases: bool, limit: int, body_stage: Stage = Stage.TRANSFER,
+        *, phases: bool, limit: int, headers: tuple[tuple[str, str], ...] = (), body_stage: Stage = Stage.TRANSFER,
     ) -> Awaitable[Response]: ...
 
 
@@ -72,18 +72,31 @@ async def exchange(
     """Fetch the target's url (following redirects), check the expectations, then the download."""
     check = http_check(target)
     url, seen = check.url, [check.url]
+    home = _origin(check.url)
+    headers = check.headers
     while True:
-        resp = await fetch(url, target, route, deadline, ctx, trace, phases=True, limit=check.max_body_bytes)
+        resp = await fetch(url, target, route, deadline, ctx, trace, phases=True, limit=check.max_body_bytes,
+                           headers=headers)
         location = dict(resp.headers).get("location")
         if not (check.follow_redirects and resp.status in _REDIRECTS and location):
             break
-        url = urljoin(url, location)
+        previous, url = url, _redirect_target(url, location)
         if url in seen:
             raise Unexpected(f"redirect loop: {' -> '.join([*seen, url])}")
         if len(seen) > MAX_REDIRECTS:
             raise Unexpected(f"more than {MAX_REDIRECTS} redirects, last to {url}")
+        if previous.startswith("https:") and url.startswith("http:") and not check.allow_insecure_redirects:
+            raise Unexpected(f"redirected ({resp.status}) from {previous} to {url}: a downgrade from https to "
+                             "plain http (not followed; allow_insecure_redirects: true follows it)")
         seen.append(url)
         trace.note(f"redirected ({resp.status}) to {url}")
+        # Configured headers (Authorization, API keys) go to the target's own origin only, as
+        # curl, Go and requests do: an injected redirect must not collect them.
+        same_origin = _origin(url) == home
+        if check.headers and not same_origin and headers:
+            names = ", ".join(name for name, _ in check.headers)
+            trace.note(f"{url} is another origin than {check.url}: the configured headers ({names}) are not sent there")
+        headers = check.headers if same_origin else ()
     trace.http_status = resp.status
     check_expectations(check.expect, resp)
     if check.download is not None:
@@ -100,6 +113,7 @@ async def _fetch(
     *,
     phases: bool,
     limit: int,
+    headers: tuple[tuple[str, str], ...] = (),
     body_stage: Stage = Stage.TRANSFER,
 ) -> Response:
     host, https, port, host_header, path = url_parts(url)
@@ -115,7 +129,7 @@ async def _fetch(
         trace.http_host = host_header
         check = http_check(target)
         method = check.method if phases else "GET"
-        request = _request(method, path, host_header, check.headers)
+        request = _request(method, path, host_header, headers)
         begin = trace.now()
         trace.enter(Stage.REQUEST)
         head_bytes = http.send(request) or b""
@@ -156,6 +170,28 @@ def log_head(log: debuglog.DebugLog, what: str, first: str, headers: Sequence[tu
     """Record a request or response head, credentials masked."""
     lines = debuglog.header_lines((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
     log.add(f"{what} head: {first}" + "".join(f"\n{'':15}{line}" for line in lines))
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """Return the (scheme, host, port) origin of a URL."""
+    host, https, port, _, _ = url_parts(url)
+    return ("https" if https else "http", host.lower(), port)
+
+
+def _redirect_target(base: str, location: str) -> str:
+    """Return the absolute http(s) URL a Location header points to; Unexpected if it is no such URL."""
+    shown = location[:200]
+    try:
+        url = urljoin(base, location)
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as e:
+        raise Unexpected(f"redirect to a bad Location {shown!r}: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise Unexpected(f"redirect to {shown!r}: not an http(s) URL (not followed)")
+    if not parts.hostname:
+        raise Unexpected(f"redirect to {shown!r}: no host")
+    return url
 
 
 def http_check(target: Target) -> HttpCheck:
@@ -264,7 +300,7 @@ async def _download(
         async with asyncio.timeout_at(deadline.at - target.timeout * DOWNLOAD_MARGIN):
             resp = await fetch(
                 dl.url, target, route, deadline, ctx, trace, phases=False, limit=dl.max_bytes,
-                body_stage=Stage.DOWNLOAD,
+                headers=http_check(target).headers, body_stage=Stage.DOWNLOAD,  # a configured URL, not a redirect
             )
             if resp.status != 200:
                 raise Unexpected(f"download of {dl.url} answered status {resp.status}, expected 200")

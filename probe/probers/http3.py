@@ -41,6 +41,7 @@ async def _fetch(
     *,
     phases: bool,
     limit: int,
+    headers: tuple[tuple[str, str], ...] = (),
     body_stage: Stage = Stage.TRANSFER,
 ) -> Response:
     host, https, port, authority, path = url_parts(url)
@@ -62,19 +63,19 @@ async def _fetch(
             await session.handshake()
         trace.tls = session.tls_info()
         check = http_check(target)
-        headers = [
+        request = [
             (b":method", (check.method if phases else "GET").encode()),
             (b":scheme", b"https"),
             (b":authority", authority.encode()),
             (b":path", path.encode()),
             (b"user-agent", USER_AGENT.encode()),
             (b"accept", b"*/*"),
-            *((k.lower().encode(), v.encode()) for k, v in check.headers),
+            *((k.lower().encode(), v.encode()) for k, v in headers),  # the target's own only on its origin
         ]
         trace.http_host = authority
         begin = trace.now()
         trace.enter(Stage.REQUEST)
-        session.request(headers)
+        session.request(request)
         status, head, ended = await _response_head(session)
         if phases:
             trace.add_phase(Phase.PROCESSING, trace.now() - begin)
