@@ -14,6 +14,12 @@ from typing import TextIO
 from probe import __version__, config
 from probe.context import ProbeContext
 from probe.exporter import api
+from probe.exporter.limits import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_WRITE_TIMEOUT,
+    ListenerLimits,
+)
 from probe.models import Outcome, ProbeResult
 from probe.output import Progress, ranking_table, results_table
 from probe.store import ResultStore
@@ -48,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
                      default=os.environ.get("PROBE_WEB_CONFIG"),
                      help="TLS and basic auth for the endpoints (exporter-toolkit format); env PROBE_WEB_CONFIG")
+    run.add_argument("--web.max-connections", dest="max_connections", type=_positive_int, metavar="N",
+                     default=DEFAULT_MAX_CONNECTIONS,
+                     help="open HTTP connections at most; more are answered 503 and closed (default %(default)s)")
+    run.add_argument("--web.header-timeout", dest="header_timeout", type=_duration, metavar="D",
+                     default=f"{DEFAULT_HEADER_TIMEOUT:g}s",
+                     help="close a connection without a complete request head in this long, at its start or "
+                     "idle after a response (default %(default)s)")
+    run.add_argument("--web.write-timeout", dest="write_timeout", type=_duration, metavar="D",
+                     default=f"{DEFAULT_WRITE_TIMEOUT:g}s",
+                     help="drop a client that takes no part of a /metrics response in this long (default %(default)s)")
     run.add_argument("--shard", type=_shard, metavar="I/N",
                      help="run only shard I of N of the targets (replicas of one vantage split the work)")
 
@@ -98,7 +114,9 @@ def _main(argv: Sequence[str] | None) -> int:
         from probe.service import serve
 
         try:
-            return run_loop(serve(path, args.listen, shard=args.shard, web_config_file=args.web_config_file))
+            limits = ListenerLimits(args.max_connections, args.header_timeout, args.write_timeout)
+            return run_loop(serve(path, args.listen, shard=args.shard, web_config_file=args.web_config_file,
+                                  limits=limits))
         except config.ConfigError as e:  # the targets file, or the web config (which names itself)
             return _config_failed(getattr(e, "path", path), e)
         except KeyboardInterrupt:
@@ -151,6 +169,22 @@ def _shard(text: str) -> tuple[int, int]:
         return config.parse_shard(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = config.parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be longer than zero")
+    return seconds
 
 
 def _select(cfg: config.Config, wanted: list[str] | None, known: list[str], what: str) -> list[str] | None:

@@ -18,6 +18,7 @@ from probe.context import ProbeContext
 from probe.controls import ControlState, without_history
 from probe.dns.verdicts import VerdictCache
 from probe.exporter import webconfig
+from probe.exporter.limits import CappedSite, ListenerLimits
 from probe.exporter.server import create_app
 from probe.models import ProbeResult
 from probe.runner import DnsFn, ProbeFn
@@ -135,6 +136,7 @@ async def serve(
     concurrency: int = DEFAULT_CONCURRENCY,
     shard: tuple[int, int] | None = None,
     web_config_file: str | None = None,
+    limits: ListenerLimits | None = None,
 ) -> int:
     """Run the monitor until SIGTERM or SIGINT; return the exit status. Raises ConfigError on a bad config."""
     cfg = load_config(config_path, shard)
@@ -148,8 +150,10 @@ async def serve(
     service = Service(config_path, cfg, probe_fn=probe_fn, dns_fn=dns_fn, concurrency=concurrency, shard=shard)
     if shard is not None:
         log.info("shard %d/%d: %d targets are this replica's", shard[0] + 1, shard[1], len(cfg.targets))
+    limits = limits or ListenerLimits()
     runner = web.AppRunner(
-        create_app(service, web_config), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+        create_app(service, web_config, limits), handle_signals=False, access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT, keepalive_timeout=limits.header_timeout,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -161,7 +165,9 @@ async def serve(
         await runner.setup()
         try:
             ssl_context = web_config.tls.context() if web_config.tls is not None else None
-            await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+            await CappedSite(
+                runner, host, port, ssl_context=ssl_context, max_connections=limits.max_connections
+            ).start()
         except OSError as e:
             log.error("cannot listen on %s: %s", address, e.strerror or e)
             return 1

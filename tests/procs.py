@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import signal
 import sys
 import time
@@ -42,13 +43,19 @@ async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 
 
 @asynccontextmanager
 async def probe_run(
-    *args: str, env: dict[str, str] | None = None, log_level: str = "info"
+    *args: str, env: dict[str, str] | None = None, log_level: str = "info", max_fds: int | None = None
 ) -> AsyncIterator[ProbeProcess]:
-    """Start `probe run --listen 127.0.0.1:0 ARGS...`; yield once it listens; SIGTERM it afterwards."""
+    """Start `probe run --listen 127.0.0.1:0 ARGS...` (with at most `max_fds` open files); yield once it listens."""
     environment = {k: v for k, v in os.environ.items() if k != "PROBE_VANTAGE"} | (env or {})
+
+    def limit_fds() -> None:
+        if max_fds is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))
+
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "probe", "--log-level", log_level, "run", "--listen", "127.0.0.1:0", *args,
         stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, env=environment,
+        preexec_fn=limit_fds if max_fds is not None else None,
     )
     running = ProbeProcess(proc)
     assert proc.stderr is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 from importlib import resources
 from typing import Protocol
 
@@ -13,7 +14,9 @@ from probe import debuglog
 from probe.config import Config
 from probe.exporter import debugtrace
 from probe.exporter.api import results_json, routes_json
+from probe.exporter.limits import ListenerLimits, write_within
 from probe.exporter.metrics import render_chunks, render_target
+from probe.exporter.shared import SharedRendering
 from probe.exporter.webconfig import BasicAuth, WebConfig, auth_middleware
 from probe.models import ProbeResult
 from probe.store import ResultStore
@@ -58,9 +61,11 @@ class Backend(Protocol):
         ...
 
 
-def create_app(backend: Backend, web_config: WebConfig | None = None) -> web.Application:
+def create_app(
+    backend: Backend, web_config: WebConfig | None = None, limits: ListenerLimits | None = None
+) -> web.Application:
     """Return the aiohttp application serving `backend`, behind basic auth if `web_config` has users."""
-    h = _Handlers(backend)
+    h = _Handlers(backend, limits or ListenerLimits())
     middlewares = [auth_middleware(BasicAuth(web_config.users))] if web_config and web_config.users else []
     app = web.Application(middlewares=middlewares)
     app.router.add_get("/", h.index)
@@ -75,10 +80,12 @@ def create_app(backend: Backend, web_config: WebConfig | None = None) -> web.App
 
 
 class _Handlers:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, limits: ListenerLimits) -> None:
         self.backend = backend
+        self.limits = limits
         self._probing: dict[str, asyncio.Future[list[ProbeResult]]] = {}
         self._debugging: dict[str, asyncio.Future[str]] = {}
+        self._rendering: SharedRendering | None = None
 
     async def _probe_once(self, name: str) -> list[ProbeResult]:
         # Requests for a target already being probed share that probe: hammering /probe cannot
@@ -121,11 +128,17 @@ class _Handlers:
         # pairs the text is ~120 MB, which need never be whole in memory, and the loop runs between
         # chunks, so many, pipelined or slow scrapers never stall the scheduler (a chunk costs 1-3 ms
         # of CPU).
+        # Scrapes arriving while a rendering runs share it (exporter/shared.py); a client that does
+        # not take a chunk within the write timeout is dropped instead of pinning the text.
         resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
         await resp.prepare(request)
-        for chunk in render_chunks(self.backend.store, self.backend.config):
-            await resp.write(chunk)
-            await asyncio.sleep(0)  # write() yields only when the socket is full
+        shared = self._rendering
+        if shared is None or not shared.joinable:
+            shared = self._rendering = SharedRendering(render_chunks(self.backend.store, self.backend.config))
+        async with aclosing(shared.read()) as chunks:
+            async for chunk in chunks:
+                if not await write_within(resp, request, chunk, self.limits.write_timeout):
+                    return resp
         await resp.write_eof()
         return resp
 
