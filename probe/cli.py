@@ -17,6 +17,7 @@ from probe.exporter import api
 from probe.exporter.limits import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PROBE_REUSE,
     DEFAULT_WRITE_TIMEOUT,
     ListenerLimits,
 )
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--web.write-timeout", dest="write_timeout", type=_duration, metavar="D",
                      default=f"{DEFAULT_WRITE_TIMEOUT:g}s",
                      help="drop a client that takes no part of a /metrics response in this long (default %(default)s)")
+    run.add_argument("--web.probe-reuse", dest="probe_reuse", type=_duration, metavar="D",
+                     default=f"{DEFAULT_PROBE_REUSE:g}s",
+                     help="/probe answers with a target's results younger than this instead of probing again "
+                     "(default %(default)s)")
     run.add_argument("--shard", type=_shard, metavar="I/N",
                      help="run only shard I of N of the targets (replicas of one vantage split the work)")
 
@@ -114,7 +119,7 @@ def _main(argv: Sequence[str] | None) -> int:
         from probe.service import serve
 
         try:
-            limits = ListenerLimits(args.max_connections, args.header_timeout, args.write_timeout)
+            limits = ListenerLimits(args.max_connections, args.header_timeout, args.write_timeout, args.probe_reuse)
             return run_loop(serve(path, args.listen, shard=args.shard, web_config_file=args.web_config_file,
                                   limits=limits))
         except config.ConfigError as e:  # the targets file, or the web config (which names itself)

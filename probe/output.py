@@ -124,9 +124,21 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
+# Control characters (C0, C1, DEL), lone surrogates of undecodable bytes and invisible format
+# characters: what a hostile server or proxy says (a reason phrase, a Location) is shown, never
+# interpreted by the terminal as an escape sequence.
+def printable(text: str) -> str:
+    """Return `text` with every non-printable character shown as a \\xNN or \\uNNNN escape."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text
+    )
+
+
 def _detail(r: ProbeResult) -> str:
     if r.outcome is not Outcome.OK and r.evidence:
-        return r.evidence[-1] + _located(r)
+        return printable(r.evidence[-1] + _located(r))
     parts = [f"{p} {s * 1000:.0f}" for p, s in r.phases.items()]
     extra = []
     if r.http_status is not None:

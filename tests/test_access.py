@@ -218,6 +218,7 @@ async def test_concurrent_probe_requests_for_a_target_share_one_probe(tmp_path: 
     from aiohttp.test_utils import TestClient, TestServer
 
     from probe import config as config_module
+    from probe.exporter.limits import ListenerLimits
     from probe.exporter.server import create_app
     from probe.models import Outcome, ProbeResult
     from probe.service import Service
@@ -232,11 +233,16 @@ async def test_concurrent_probe_requests_for_a_target_share_one_probe(tmp_path: 
     path = monitor_config(tmp_path / "t.yml")
     service = Service(path, config_module.load(path), probe_fn=slow_probe)
     try:
-        async with TestClient(TestServer(create_app(service), host="127.0.0.1")) as client:
+        app = create_app(service, limits=ListenerLimits(probe_reuse=0.5))
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
             responses = await asyncio.gather(*(client.get("/probe", params={"target": "web"}) for _ in range(20)))
             assert [r.status for r in responses] == [200] * 20
             assert sorted(calls) == ["direct", "hk"], "one probe per route for 20 requests"
+            for _ in range(10):  # one after another, within the reuse age: the same results again
+                assert (await client.get("/probe", params={"target": "web"})).status == 200
+            assert len(calls) == 2, "requests that follow each other reuse a result younger than probe_reuse"
+            await asyncio.sleep(0.6)
             assert (await client.get("/probe", params={"target": "web"})).status == 200
-            assert len(calls) == 4, "a later request probes afresh"
+            assert len(calls) == 4, "a request after the reuse age probes afresh"
     finally:
         await service.close()

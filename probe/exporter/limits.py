@@ -19,6 +19,7 @@ from aiohttp import web
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_WRITE_TIMEOUT = 30.0
+DEFAULT_PROBE_REUSE = 5.0
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 22\r\nConnection: close\r\n\r\ntoo many connections\r\n"
 
 
@@ -29,6 +30,7 @@ class ListenerLimits:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     header_timeout: float = DEFAULT_HEADER_TIMEOUT  # no complete request head in this long: closed
     write_timeout: float = DEFAULT_WRITE_TIMEOUT  # a response chunk not taken in this long: aborted
+    probe_reuse: float = DEFAULT_PROBE_REUSE  # /probe answers with results younger than this
 
 
 class _Counted(asyncio.Protocol):

@@ -79,6 +79,26 @@ def create_app(
     return app
 
 
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
+
+
+def cross_site(request: web.Request) -> str | None:
+    """Return why a POST looks sent by a web page on another site (CSRF), or None.
+
+    A browser sends a cross-site form POST without a preflight only with a form content type,
+    and marks it with Origin and Sec-Fetch-Site; curl, Prometheus tooling and scripts send none.
+    """
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        return f"Sec-Fetch-Site: {site[:40]}"
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.partition("://")[2].rstrip("/") != request.host:
+        return f"Origin {origin[:100]!r} is not this host"
+    if request.content_type in _FORM_TYPES:
+        return f"a form post ({request.content_type}); send POST without a body, as curl -X POST does"
+    return None
+
+
 class _Handlers:
     def __init__(self, backend: Backend, limits: ListenerLimits) -> None:
         self.backend = backend
@@ -86,16 +106,24 @@ class _Handlers:
         self._probing: dict[str, asyncio.Future[list[ProbeResult]]] = {}
         self._debugging: dict[str, asyncio.Future[str]] = {}
         self._rendering: SharedRendering | None = None
+        self._recent: dict[str, tuple[float, list[ProbeResult]]] = {}  # configured names only
 
     async def _probe_once(self, name: str) -> list[ProbeResult]:
-        # Requests for a target already being probed share that probe: hammering /probe cannot
-        # multiply the traffic the monitor sends to a target.
+        # Requests for a target already being probed share that probe, and results younger than
+        # probe_reuse are answered again: hammering /probe cannot multiply the traffic the monitor
+        # sends to a target, whether the requests overlap or follow each other.
+        loop = asyncio.get_running_loop()
+        recent = self._recent.get(name)
+        if recent is not None and loop.time() - recent[0] < self.limits.probe_reuse:
+            return recent[1]
         running = self._probing.get(name)
         if running is None:
             running = asyncio.ensure_future(self.backend.probe_target(name))
             self._probing[name] = running
             running.add_done_callback(lambda f: self._probing.pop(name, None) if self._probing.get(name) is f else None)
-        return await asyncio.shield(running)
+        results = await asyncio.shield(running)
+        self._recent[name] = (loop.time(), results)
+        return results
 
     async def _debug_once(self, name: str) -> str:
         # Like _probe_once, but a probe of its own: one already running without a recorder has no trace.
@@ -170,6 +198,8 @@ class _Handlers:
         return web.Response(text="OK")
 
     async def reload(self, request: web.Request) -> web.Response:
+        if (why := cross_site(request)) is not None:
+            raise web.HTTPForbidden(text=f"reload refused: {why}\n")
         error = await self.backend.reload()
         if error is not None:
             raise web.HTTPBadRequest(text=f"reload failed; the running config stays:\n{error}\n")

@@ -192,6 +192,10 @@ class BasicAuth:
     def __init__(self, users: dict[str, bytes]) -> None:
         self._users = dict(users)
         self._cache: dict[bytes, bool] = {}
+        # An unknown user is checked against a hash of the users' highest cost: with a fixed cost,
+        # the answer's time would tell known user names from unknown ones.
+        cost = max((_cost(h) for h in self._users.values()), default=10)
+        self._dummy = _DUMMY_HASH if cost == 10 else bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=cost))
 
     async def check(self, header: str | None) -> str | None:
         """Return the authenticated user name, or None."""
@@ -209,12 +213,20 @@ class BasicAuth:
         ok = self._cache.get(key)
         if ok is None:
             # bcrypt is slow on purpose: off the event loop, so the scheduler keeps its cadence.
-            ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed or _DUMMY_HASH)
+            ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed or self._dummy)
             ok = ok and hashed is not None
             if len(self._cache) >= _CACHE_SIZE:
                 self._cache.clear()
             self._cache[key] = ok
         return user if ok else None
+
+
+def _cost(hashed: bytes) -> int:
+    """Return the cost (log2 rounds) of a bcrypt hash such as $2y$12$..."""
+    try:
+        return min(max(int(hashed.split(b"$")[2]), 4), 31)
+    except (IndexError, ValueError):
+        return 10
 
 
 def auth_middleware(auth: BasicAuth) -> Middleware:
