@@ -4,8 +4,10 @@ proxy, and the unknown-user bcrypt cost; each against real servers and a real `p
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import bcrypt
@@ -16,6 +18,7 @@ from probe.exporter.webconfig import BasicAuth
 from tests.procs import probe_run
 from tests.servers import raw_server
 from tests.test_cli import run_cli
+from tests.test_stall import healthy_server
 
 
 async def test_sequential_probe_requests_reuse_a_young_result_instead_of_probing_again(tmp_path: Path) -> None:
@@ -103,3 +106,53 @@ def test_an_unknown_user_costs_what_a_known_one_does() -> None:
     known, unknown = min(timed("alice") for _ in range(2)), min(timed("mallory") for _ in range(2))
     assert unknown > known / 2, (known, unknown)  # the same cost (12), not the fixed 10 (1/4 the time)
     assert bcrypt.checkpw(b"not a password", auth._dummy) and auth._dummy.split(b"$")[2] == b"12"
+
+
+def split_proxy(reply: list[bytes], then_relay: bool) -> Any:
+    """An HTTP proxy that sends its CONNECT reply in pieces, a little apart, then relays to 127.0.0.1:<port>."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        for piece in reply:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        if not then_relay:
+            await asyncio.sleep(3600)
+        port = int(head.split(b" ")[1].rsplit(b":", 1)[1])
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    return handle
+
+
+async def test_an_http_proxy_that_splits_its_connect_reply_carries_the_probe(tmp_path: Path) -> None:
+    pieces = [b"HTTP/1.1 200 Conn", b"ection established\r\nVia: 1.1 sq", b"uid\r\n", b"\r\n"]
+    with healthy_server() as port:
+        async with raw_server(split_proxy(pieces, then_relay=True)) as proxy_port:
+            cfg = tmp_path / "t.yml"
+            cfg.write_text(yaml.safe_dump({
+                "vantage": "lab", "routes": [{"name": "p", "proxy": f"http://127.0.0.1:{proxy_port}"}],
+                "targets": [{"name": "web", "url": f"http://127.0.0.1:{port}/", "routes": ["p"], "timeout": "3s"},
+                            {"name": "port", "address": f"127.0.0.1:{port}", "routes": ["p"], "timeout": "3s"}]}))
+            code, out, err = await run_cli("once", "-c", str(cfg), "--json")
+    assert code == 0, out + err
+    assert [r["outcome"] for r in json.loads(out)["results"]] == ["ok", "ok"], out
+
+
+async def test_a_connect_200_never_finished_is_no_ok_for_a_tcp_target(tmp_path: Path) -> None:
+    async with raw_server(split_proxy([b"HTTP/1.1 200 OK\r\n"], then_relay=False)) as proxy_port:
+        cfg = tmp_path / "t.yml"
+        cfg.write_text(yaml.safe_dump({
+            "vantage": "lab", "routes": [{"name": "p", "proxy": f"http://127.0.0.1:{proxy_port}"}],
+            "targets": [{"name": "port", "address": "127.0.0.1:9", "routes": ["p"], "timeout": "1s"}]}))
+        code, out, err = await run_cli("once", "-c", str(cfg), "--json")
+    assert code == 1, out + err
+    assert json.loads(out)["results"][0]["outcome"] == "tcp_timeout", out
