@@ -8,11 +8,14 @@ outcome, by its deadline, for any reply bytes a loopback DNS server sends.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import dns.message
 import dns.rrset
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -130,3 +133,53 @@ def test_dns_lookup_gives_a_proper_outcome_for_any_reply_bytes(plan: Any, transp
     else:
         assert isinstance(found, probe_dns.Lookup), found
         assert all(isinstance(a, str) for a in found.answers)
+
+
+# --- mutation fuzz of the loader (issue 19) -------------------------------------------
+
+SEEDS = [
+    (Path(__file__).resolve().parent / "testdata" / "valid-contract-example.yml").read_text(),
+    (Path(__file__).resolve().parents[1] / "targets.yml").read_text(),
+]
+# Pieces a mutation inserts: YAML syntax, tags whose constructors can fail, anchors and merges,
+# deep nesting, URL and address typos, control characters.
+TOKENS = [
+    "!!int ", "!!float ", "!!timestamp ", "!!binary ", "!!bool ", "!!set ", "!!omap ", "!!pairs ", "!!null ",
+    "!!str ", "!!python/object ", "!foo ", "&a ", "*a", "<<: *a\n", "[", "]", "{", "}", ": ", "- ", "\n", "\n  ",
+    "\t", "'", '"', "#", "?", "|", ">", "%YAML 1.1\n", "---\n", "...\n", "http://[", "https://[::1/", "[2001:db8::1",
+    ":99999", ":0", "socks5://u:p\n@", "\x00", "\x85", "\ufeff", "é", "1e999", "-0", "0x", "0o7", "2001-13-45",
+    "[" * 80, "{a: " * 70, "10s", "0s", "-1s", "1h30m", "targets", "defaults", "routes", "resolvers", "url",
+    "address", "expect", "headers", "download", "interval", "timeout", "allow_insecure_redirects", "ca_file",
+]
+MUTATION = st.one_of(
+    st.tuples(st.just("insert"), st.floats(0, 1), st.sampled_from(TOKENS) | st.text(max_size=6)),
+    st.tuples(st.just("delete"), st.floats(0, 1), st.integers(1, 40).map(str)),
+    st.tuples(st.just("duplicate"), st.floats(0, 1), st.integers(1, 200).map(str)),
+)
+FUZZ_EXAMPLES = int(os.environ.get("PROBE_FUZZ_EXAMPLES", "150"))
+
+
+def mutate(seed: str, mutations: list[tuple[str, float, str]]) -> str:
+    text = seed
+    for kind, where, arg in mutations:
+        at = int(where * len(text))
+        if kind == "insert":
+            text = text[:at] + arg + text[at:]
+        elif kind == "delete":
+            text = text[:at] + text[at + int(arg):]
+        else:
+            text = text[:at] + text[at:at + int(arg)] + text[at:]
+    return text
+
+
+@pytest.mark.slow
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(seed=st.sampled_from(SEEDS), mutations=st.lists(MUTATION, min_size=1, max_size=6))
+def test_mutated_configs_load_or_raise_a_config_error(seed: str, mutations: list[tuple[str, float, str]]) -> None:
+    """PROBE_FUZZ_EXAMPLES=20000 scripts/test -m slow -k mutated: the long run of the README (several minutes)."""
+    text = mutate(seed, mutations)
+    try:
+        config.loads(text)
+    except config.ConfigError as e:
+        assert e.problems and all(isinstance(p, str) and p for p in e.problems)

@@ -104,7 +104,7 @@ def _guarded(construct: Callable[[yaml.SafeLoader, yaml.Node], Any]) -> Callable
     def checked(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
         try:
             return construct(loader, node)
-        except (ValueError, TypeError, AttributeError, ArithmeticError):
+        except (ValueError, TypeError, AttributeError, ArithmeticError, LookupError):  # e.g. `!!bool 0x`
             tag = str(node.tag).rsplit(":", 1)[-1]
             value = str(node.value)[:60] if isinstance(node, yaml.ScalarNode) else ""
             raise yaml.constructor.ConstructorError(
