@@ -149,6 +149,7 @@ INVALID: list[tuple[str, list[str]]] = [
     ),
     ("invalid-yaml-bad-int-tag.yml", ["{file}: YAML syntax error at line 3, column 55: bad !!int value 'lots'"]),
     ("invalid-yaml-bad-float-tag.yml", ["{file}: YAML syntax error at line 5, column 21: bad !!float value 'big'"]),
+    ("invalid-yaml-unhashable-key.yml", ["{file}: YAML syntax error at line 3, column 5: unhashable key (set)"]),
     (
         "invalid-yaml-bad-timestamp-tag.yml",
         ["{file}: YAML syntax error at line 3, column 49: bad !!timestamp value 'yesterday'"],

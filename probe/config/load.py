@@ -76,6 +76,12 @@ class _StrictLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
                 continue
             key = self.construct_object(key_node)
+            try:
+                hash(key)
+            except TypeError:  # a tagged scalar such as `!!set a: 1` builds an unhashable key
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"unhashable key ({type(key).__name__})", key_node.start_mark
+                ) from None
             if key in seen:
                 first = seen[key].start_mark.line + 1
                 raise yaml.constructor.ConstructorError(
