@@ -177,7 +177,7 @@ def mutate(seed: str, mutations: list[tuple[str, float, str]]) -> str:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(seed=st.sampled_from(SEEDS), mutations=st.lists(MUTATION, min_size=1, max_size=6))
 def test_mutated_configs_load_or_raise_a_config_error(seed: str, mutations: list[tuple[str, float, str]]) -> None:
-    """PROBE_FUZZ_EXAMPLES=5000 scripts/test -k mutated: the long run of the README (several minutes)."""
+    """PROBE_FUZZ_EXAMPLES=15000 scripts/test -k mutated: the long run of the README (several minutes)."""
     text = mutate(seed, mutations)
     try:
         config.loads(text)
