@@ -19,7 +19,7 @@ from aiohttp import web
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_WRITE_TIMEOUT = 30.0
-DEFAULT_PROBE_REUSE = 5.0
+DEFAULT_PROBE_REUSE = 1.0
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 22\r\nConnection: close\r\n\r\ntoo many connections\r\n"
 
 
