@@ -79,23 +79,19 @@ def create_app(
     return app
 
 
-_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
-
-
 def cross_site(request: web.Request) -> str | None:
     """Return why a POST looks sent by a web page on another site (CSRF), or None.
 
-    A browser sends a cross-site form POST without a preflight only with a form content type,
-    and marks it with Origin and Sec-Fetch-Site; curl, Prometheus tooling and scripts send none.
+    Browsers mark a cross-site request with Sec-Fetch-Site, and a form post with Origin (older
+    ones at least with Referer); curl, urllib, Prometheus tooling and scripts send none of them.
     """
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site not in ("same-origin", "none"):
         return f"Sec-Fetch-Site: {site[:40]}"
-    origin = request.headers.get("Origin")
-    if origin is not None and origin.partition("://")[2].rstrip("/") != request.host:
-        return f"Origin {origin[:100]!r} is not this host"
-    if request.content_type in _FORM_TYPES:
-        return f"a form post ({request.content_type}); send POST without a body, as curl -X POST does"
+    for header in ("Origin", "Referer"):
+        value = request.headers.get(header)
+        if value is not None and value.partition("://")[2].partition("/")[0] != request.host:
+            return f"{header} {value[:100]!r} is not this host"
     return None
 
 
@@ -107,6 +103,7 @@ class _Handlers:
         self._debugging: dict[str, asyncio.Future[str]] = {}
         self._rendering: SharedRendering | None = None
         self._recent: dict[str, tuple[float, list[ProbeResult]]] = {}  # configured names only
+        self._recent_debug: dict[str, tuple[float, str]] = {}
 
     async def _probe_once(self, name: str) -> list[ProbeResult]:
         # Requests for a target already being probed share that probe, and results younger than
@@ -127,13 +124,19 @@ class _Handlers:
 
     async def _debug_once(self, name: str) -> str:
         # Like _probe_once, but a probe of its own: one already running without a recorder has no trace.
+        loop = asyncio.get_running_loop()
+        recent = self._recent_debug.get(name)
+        if recent is not None and loop.time() - recent[0] < self.limits.probe_reuse:
+            return recent[1]
         running = self._debugging.get(name)
         if running is None:
             running = asyncio.ensure_future(self._debug_probe(name))
             self._debugging[name] = running
             running.add_done_callback(
                 lambda f: self._debugging.pop(name, None) if self._debugging.get(name) is f else None)
-        return await asyncio.shield(running)
+        text = await asyncio.shield(running)
+        self._recent_debug[name] = (loop.time(), text)
+        return text
 
     async def _debug_probe(self, name: str) -> str:
         config = self.backend.config
