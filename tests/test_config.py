@@ -443,6 +443,7 @@ def test_contract_example_is_valid() -> None:
     assert (dot.host, dot.port, dot.server_name, dot.control) == ("9.9.9.9", 853, "dns.quad9.net", True)
     assert (cfg.resolver("ali").host, cfg.resolver("ali").port) == ("223.5.5.5", 53)
     assert cfg.canaries == ("203.0.113.53",)
+    assert cfg.timezone is None and all(t.path is None for t in cfg.targets)
 
 
 # --- defaults and built-ins ------------------------------------------------------------
