@@ -70,7 +70,7 @@ def lag_at_scale(workdir: Path, pairs: int, samples: int, interval: float, secon
             cpu.start()
             t0 = time.monotonic()
             time.sleep(seconds)
-            body, _ = lab.timed_fetch(base, "/metrics")
+            body, scrape_seconds = lab.timed_fetch(base, "/metrics")
             took = time.monotonic() - t0
             cpu_figures = cpu.stop()
             after, sent1 = Scrape(body.decode()), path_totals(body.decode())
@@ -81,6 +81,8 @@ def lag_at_scale(workdir: Path, pairs: int, samples: int, interval: float, secon
             "lag": lag_between(before, after),
             "samples_sent": sent, "samples_lost": lost, "samples_per_second": sent / took,
             "probes": after.total_runs - before.total_runs,
+            "metrics_seconds": round(scrape_seconds, 3), "metrics_samples": after.samples,
+            "path_samples_exposed": sum(1 for line in body.decode().splitlines() if line.startswith("probe_path_")),
             "cpu": cpu_figures,
         }
     finally:
