@@ -24,15 +24,22 @@ from probe.config import Config, Target
 from probe.models import DnsResult, Localisation, Outcome, PathResult, Phase, ProbeResult
 from probe.ranking import Candidate, History, PathHistory, Ranked
 
-LATENCY_BUCKETS: tuple[float, ...] = (
+# prober_scheduler_lag_seconds: one histogram per process, so fine-grained is cheap.
+LAG_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
+# probe_phase_seconds (opt-in, `histograms: true`): per pair and phase, so at most 10 buckets with
+# +Inf (DESIGN "Series budget"). Chosen for cross-border paths: 10 ms same city, 25-50 ms within a
+# region (Shanghai-Hong Kong), 100-200 ms across an ocean, 400-800 ms a congested evening or a
+# handshake of several round trips, 1.5 s and 3 s a SYN or ClientHello retransmitted once (the
+# first RTO is 1 s) and twice.
+PHASE_BUCKETS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3.0)
 
 Pair = tuple[str, str]
 
 OUTCOMES = tuple(Outcome)  # the order of PairState.runs
 PHASES = tuple(Phase)  # the order of PairState.counts and .sums
-SLOTS = len(LATENCY_BUCKETS) + 1  # counts per phase in PairState.counts: one per bound, then +Inf
+SLOTS = len(PHASE_BUCKETS) + 1  # counts per phase in PairState.counts: one per bound, then +Inf
 _CODE = {o: i for i, o in enumerate(OUTCOMES)}
 _INDEX = {p: i for i, p in enumerate(PHASES)}
 _NO_PHASES = array("d", bytes(8 * len(PHASES)))
@@ -43,7 +50,7 @@ class Histogram:
 
     __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self, bounds: Sequence[float] = LATENCY_BUCKETS) -> None:
+    def __init__(self, bounds: Sequence[float] = LAG_BUCKETS) -> None:
         self.bounds = tuple(bounds)
         self.counts = [0] * (len(self.bounds) + 1)  # the last slot is +Inf
         self.sum = 0.0
@@ -69,28 +76,39 @@ class Histogram:
 
 
 class PairState:
-    """What the store keeps of one (target, route): ~2 KB besides its latest result.
+    """What the store keeps of one (target, route): ~0.5 KB besides its latest result, ~0.8 KB with histograms.
 
     Flat arrays, in the order /metrics writes them: `runs` per outcome (OUTCOMES order);
-    `counts` per phase (PHASES order) SLOTS cumulative bucket counts, the last (+Inf) being
-    the phase's observation count; `sums` per phase; `phases` the latest result's phase
-    times, 0.0 for a phase it did not complete.
+    `phases` the latest result's phase times, 0.0 for a phase it did not complete. Only for a
+    target with `histograms: true` (else None, not even allocated): `counts` per phase (PHASES
+    order) SLOTS cumulative bucket counts, the last (+Inf) being the phase's observation count,
+    and `sums` per phase.
     """
 
     __slots__ = ("counts", "history", "latest", "memo", "phases", "runs", "since", "sums")
 
-    def __init__(self, first: ProbeResult) -> None:
+    def __init__(self, first: ProbeResult, histograms: bool = False) -> None:
         self.latest = first
         self.since = first.started_at  # when the pair entered its latest outcome (wall clock), as far as we saw
         self.history = History()  # for the ranking
-        # Unsigned 32-bit counters (4 bytes, not 8: 10,000 pairs x 87 of them): 4.29e9 runs of one
+        # Unsigned 32-bit counters (4 bytes, not 8: 10,000 pairs x 67 of them): 4.29e9 runs of one
         # pair is 136 years at one probe a second.
         self.runs = array("I", bytes(4 * len(OUTCOMES)))
-        self.counts = array("I", bytes(4 * SLOTS * len(PHASES)))
-        self.sums = array("d", bytes(8 * len(PHASES)))
+        self.counts: array[int] | None = None
+        self.sums: array[float] | None = None
         self.phases = array("d", bytes(8 * len(PHASES)))
         self.memo: bytes | None = None  # exposition's text of the float values; None when they changed
+        self.keep_histograms(histograms)
         self.record(first)
+
+    def keep_histograms(self, on: bool) -> None:
+        """Start keeping the phase histograms (from zero), or drop them."""
+        if not on:
+            self.counts = self.sums = None
+        elif self.counts is None:
+            self.counts = array("I", bytes(4 * SLOTS * len(PHASES)))
+            self.sums = array("d", bytes(8 * len(PHASES)))
+        self.memo = None
 
     def record(self, result: ProbeResult) -> None:
         """Count `result` in and keep it as the latest."""
@@ -104,21 +122,24 @@ class PairState:
         total = 0.0
         for phase, seconds in result.phases.items():
             i = _INDEX[phase]
-            base = i * SLOTS
-            for slot in range(base + bisect.bisect_left(LATENCY_BUCKETS, seconds), base + SLOTS):
-                counts[slot] += 1  # cumulative: every bucket whose bound is >= seconds, and +Inf
-            sums[i] += seconds
+            if counts is not None and sums is not None:
+                base = i * SLOTS
+                for slot in range(base + bisect.bisect_left(PHASE_BUCKETS, seconds), base + SLOTS):
+                    counts[slot] += 1  # cumulative: every bucket whose bound is >= seconds, and +Inf
+                sums[i] += seconds
             latest[i] = seconds
             total += seconds  # as ranking.request_seconds() adds them
         self.history.append(result, total)
 
     def histogram(self, phase: Phase) -> Histogram | None:
-        """Return one phase's histogram; None before its first observation."""
+        """Return one phase's histogram; None before its first observation or when histograms are off."""
+        if self.counts is None or self.sums is None:
+            return None
         i = _INDEX[phase]
         cumulative = self.counts[i * SLOTS:(i + 1) * SLOTS]
         if not cumulative[-1]:
             return None
-        h = Histogram()
+        h = Histogram(PHASE_BUCKETS)
         h.counts = [n - before for n, before in zip(cumulative, [0, *cumulative[:-1]], strict=True)]
         h.sum = self.sums[i]
         return h
@@ -156,7 +177,7 @@ class ResultStore:
             return False
         state = self._state.get(pair)
         if state is None:
-            self._state[pair] = PairState(result)
+            self._state[pair] = PairState(result, self.config.target(result.target).histograms)
         else:
             state.record(result)
         self._update_leaders(self.config.target(result.target))
@@ -211,8 +232,9 @@ class ResultStore:
         for pair in [p for p in self._path if p not in self._path_pairs or p[0] in changed]:
             del self._path[pair]  # switched off, or other samples (method, count): its series start afresh
         self._located = {p: found for p, found in self._located.items() if p in self._pairs}
-        for state in self._state.values():
+        for (target, _), state in self._state.items():
             state.memo = None  # a timeout may have changed, and with it the score
+            state.keep_histograms(config.target(target).histograms)
         self._ranked.clear()  # timeouts, routes and groups may have changed
         self._group_ranked.clear()
         self._route_leaders = {t: r for t, r in self._route_leaders.items() if (t, r) in self._pairs}
@@ -282,7 +304,7 @@ class ResultStore:
         return {} if state is None else {o: n for o, n in zip(OUTCOMES, state.runs, strict=True) if n}
 
     def phase_histogram(self, target: str, route: str, phase: Phase) -> Histogram | None:
-        """Return the histogram of one phase of one pair; None before its first observation."""
+        """Return the histogram of one phase of one pair; None before its first observation or with histograms off."""
         state = self._state.get((target, route))
         return None if state is None else state.histogram(phase)
 

@@ -254,6 +254,13 @@ INVALID: list[tuple[str, list[str]]] = [
         ],
     ),
     (
+        "invalid-histograms-not-boolean.yml",
+        [
+            "targets[0].histograms: must be true or false, not a number",
+            "defaults.histograms: must be true or false, not a string",
+        ],
+    ),
+    (
         "invalid-bogons-not-cidrs.yml",
         ["bogons[0]: '10.0.0.0/33' is not a CIDR", "bogons[1]: 'private' is not a CIDR"],
     ),
@@ -444,6 +451,7 @@ def test_contract_example_is_valid() -> None:
     assert (cfg.resolver("ali").host, cfg.resolver("ali").port) == ("223.5.5.5", 53)
     assert cfg.canaries == ("203.0.113.53",)
     assert cfg.timezone is None and all(t.path is None for t in cfg.targets)
+    assert not any(t.histograms for t in cfg.targets)
 
 
 # --- defaults and built-ins ------------------------------------------------------------
@@ -462,10 +470,12 @@ defaults:
   ca_file: corp-ca.pem
   expect: {status: [403]}
   routes: [direct, hk]
+  histograms: true
 targets:
   - {name: inherits, url: "https://oss.example/"}
   - name: overrides
     url: https://s3.example/
+    histograms: false
     interval: 1m
     timeout: 5s
     expect: {status: [307]}
@@ -481,6 +491,7 @@ targets:
     assert (overrides.interval, overrides.timeout) == (60.0, 5.0)
     assert overrides.http is not None and overrides.http.expect.status == (307,)
     assert overrides.routes == ("hk",)
+    assert (inherits.histograms, overrides.histograms, plain.histograms) == (True, False, True)
     assert overrides.ca_file == inherits.ca_file
     assert plain.http is None  # HTTP-only defaults skip address targets
     assert plain.routes == ("direct", "hk")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import generate_latest
@@ -15,7 +16,7 @@ from probe.config import Config, loads
 from probe.exporter import exposition, metrics
 from probe.models import DnsResult, Outcome, Phase, ProbeResult, TlsInfo
 from probe.ranking import Candidate
-from probe.store import Histogram, ResultStore
+from probe.store import PHASE_BUCKETS, Histogram, ResultStore
 
 CONFIG = """
 vantage: 'test "quoted" vantage'
@@ -29,6 +30,7 @@ targets:
     url: https://web.example/ping
     routes: [direct, bound]
     download: {url: https://web.example/1MiB.bin, min_bytes_per_second: 1000}
+    histograms: true
   - name: plain
     url: http://198.51.100.7/
   - name: ssh
@@ -39,6 +41,9 @@ targets:
     tls: true
   - name: never-run
     address: 127.0.0.1:23
+  - name: never-run-histograms
+    address: 127.0.0.1:24
+    histograms: true
 """
 
 TLS = TlsInfo("TLS 1.3", 1_900_000_000.0, "TLS_AES_128_GCM_SHA256")
@@ -106,13 +111,14 @@ targets:
 """
 
 
-def _many(n: int) -> str:
+def _many(n: int, histograms: Callable[[int], bool] = lambda i: i % 5 < 2) -> str:
     text = MANY
     for i in range(n):
         kind = ("url: https://198.51.100.1/\n    download: {url: https://198.51.100.1/x, min_bytes_per_second: 10}"
                 if i % 3 == 0 else "url: http://198.51.100.2/" if i % 3 == 1 else "address: 198.51.100.3:22")
         text += f"  - name: t{i}\n    {kind}\n    routes: [direct, bound]\n"
         text += "    group: g1\n" if i % 4 == 0 else ""
+        text += "    histograms: true\n" if histograms(i) else ""
     return text
 
 
@@ -151,7 +157,21 @@ def test_chunking_does_not_change_the_text(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(exposition, "CHUNK_LINES", 7)
     chunks = list(exposition.render_pairs(store, cfg))
     assert len(chunks) > 100 and b"".join(chunks) == whole
-    assert whole.count(b"# TYPE ") == len(exposition.FAMILIES)
+    assert whole.count(b"# TYPE ") == len(exposition.FAMILIES)  # this store has every family
+
+
+def test_a_family_no_pair_has_is_left_out_header_included() -> None:
+    cfg = loads(MANY + "  - name: ssh\n    address: 198.51.100.3:22\n")
+    store = ResultStore(cfg)
+    before = b"".join(exposition.render_pairs(store, cfg))
+    assert {line.split(b" ")[2] for line in before.splitlines() if line.startswith(b"# TYPE")} == {
+        b"probe_route_rank", b"probe_route_score"}  # nothing ran: only the rankings
+    store.record(ProbeResult("ssh", "direct", Outcome.TCP_TIMEOUT, 1.8e9, 10.0))
+    text = b"".join(exposition.render_pairs(store, cfg))
+    for name in ("probe_http_duration_seconds", "probe_http_status_code", "probe_throughput_bytes_per_second",
+                 "probe_phase_seconds", "probe_ssl_earliest_cert_expiry", "probe_tls_version_info"):
+        assert name.encode() not in text
+    _assert_same_as_prometheus_client(store, cfg)
 
 
 def test_kept_rankings_are_those_of_the_whole_recent_results_and_are_dropped_on_reload() -> None:
@@ -187,26 +207,62 @@ def test_kept_rankings_are_those_of_the_whole_recent_results_and_are_dropped_on_
 def test_phase_histograms_are_those_of_the_observations() -> None:
     rng = random.Random(6)
     store, cfg = _random_store(rng, n=3, rounds=0)
-    expected = {p: Histogram() for p in Phase}
+    assert cfg.target("t0").histograms and not cfg.target("t2").histograms
+    expected = {p: Histogram(PHASE_BUCKETS) for p in Phase}
     for _ in range(200):
-        phases = {p: rng.choice([rng.expovariate(50), 0.001, 0.0025, 10.0, 11.0]) for p in Phase if rng.random() < 0.7}
+        phases = {p: rng.choice([rng.expovariate(5), 0.001, 0.01, 0.025, 3.0, 11.0])
+                  for p in Phase if rng.random() < 0.7}
         store.record(ProbeResult("t0", "direct", Outcome.OK, 1.8e9, 0.1, phases=phases))
+        store.record(ProbeResult("t2", "direct", Outcome.OK, 1.8e9, 0.1, phases=phases))
         for p, v in phases.items():
             expected[p].observe(v)
     for p in Phase:
         got = store.phase_histogram("t0", "direct", p)
         assert got is not None and (got.counts, got.sum) == (expected[p].counts, expected[p].sum)
     assert store.phase_histogram("t1", "direct", Phase.CONNECT) is None
+    state = store.state("t2", "direct")  # histograms off: not even allocated
+    assert state is not None and state.counts is None and state.sums is None
+    assert store.phase_histogram("t2", "direct", Phase.CONNECT) is None
 
 
-def test_every_pair_has_a_histogram_and_all_outcomes_even_before_its_first_run() -> None:
+def test_histograms_follow_the_config_across_reloads() -> None:
+    store, cfg = _random_store(random.Random(7), n=3, rounds=0)
+    phases = {Phase.CONNECT: 0.07}
+    store.record(ProbeResult("t0", "direct", Outcome.OK, 1.8e9, 0.1, phases=phases))
+    store.record(ProbeResult("t2", "direct", Outcome.OK, 1.8e9, 0.1, phases=phases))
+    swapped = loads(_many(3, histograms=lambda i: i != 0))
+    store.reload_succeeded(swapped)
+    assert store.phase_histogram("t0", "direct", Phase.CONNECT) is None  # off: dropped
+    assert store.phase_histogram("t2", "direct", Phase.CONNECT) is None  # on: counts from now
+    store.record(ProbeResult("t2", "direct", Outcome.OK, 1.8e9, 0.1, phases=phases))
+    got = store.phase_histogram("t2", "direct", Phase.CONNECT)
+    assert got is not None and got.count == 1 and got.sum == 0.07
+    _assert_same_as_prometheus_client(store, swapped)
+
+
+def test_before_its_first_run_a_pair_has_its_ranking_and_its_opt_in_histogram_only() -> None:
     store, cfg = _store()
     s = _samples(metrics.render(store, cfg))  # type: ignore[arg-type]
-    never = {k for k in s if ("target", "never-run") in k[1]}
-    assert {k[0] for k in never} == {"probe_outcome", "probe_runs_total", "probe_phase_seconds_bucket",
-                                     "probe_phase_seconds_count", "probe_phase_seconds_sum", "probe_route_rank",
-                                     "probe_route_score"}
-    assert sum(1 for k in never if k[0] == "probe_outcome") == len(Outcome)
+    never = {k[0] for k in s if ("target", "never-run") in k[1]}
+    assert never == {"probe_route_rank", "probe_route_score"}
+    never = {k[0] for k in s if ("target", "never-run-histograms") in k[1]}
+    assert never == {"probe_phase_seconds_bucket", "probe_phase_seconds_count", "probe_phase_seconds_sum",
+                     "probe_route_rank", "probe_route_score"}
+
+
+def test_one_outcome_series_per_pair_and_run_counters_only_for_outcomes_that_happened() -> None:
+    store, cfg = _random_store(random.Random(8), n=9, rounds=0)
+    for outcome in (Outcome.OK, Outcome.TLS_RESET, Outcome.TLS_RESET, Outcome.TCP_TIMEOUT):
+        store.record(ProbeResult("t1", "direct", outcome, 1.8e9, 0.1))
+    s = _samples(metrics.render(store, cfg))
+    pair = (("route", "direct"), ("target", "t1"))
+
+    def of(name: str) -> dict[str, float]:
+        return {dict(k[1])["outcome"]: v for k, v in s.items() if k[0] == name and set(pair) <= set(k[1])}
+
+    assert of("probe_outcome") == {"tcp_timeout": 1.0}
+    assert of("probe_runs_total") == {"ok": 1.0, "tls_reset": 2.0, "tcp_timeout": 1.0}
+    _assert_same_as_prometheus_client(store, cfg)
 
 
 @pytest.mark.parametrize(("raw", "written"), [(0.1, "0.1"), (1e-05, "1e-05"), (float("inf"), "+Inf"),

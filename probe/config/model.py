@@ -151,6 +151,7 @@ class Target:
     path: PathCheck | None = None  # multi-sample loss and jitter; None: no path sampling
     locate: bool = False  # find the censor's hop after a run blocked at the DNS, TLS or HTTP stage
     control_sni: str | None = None  # a name nobody filters, for the control handshake (TLS targets only)
+    histograms: bool = False  # probe_phase_seconds for this target's pairs: 60 series each (README, "What it costs")
 
     @property
     def uses_tls(self) -> bool:

@@ -29,7 +29,7 @@ _TARGET_KEYS = {
     "name", "url", "address", "tls", "server_name", "expect", "method", "headers",
     "max_body_bytes", "follow_redirects", "allow_insecure_redirects", "download", "routes", "resolvers",
     "interval", "timeout", "ca_file", "dnssec", "dns_reply_window", "group", "path", "locate",
-    "http_version", "control_sni",
+    "http_version", "control_sni", "histograms",
 }
 DEFAULTABLE = _TARGET_KEYS - {"name", "url", "address", "group", "http_version"}
 _URL_ONLY_KEYS = (
@@ -171,6 +171,9 @@ class TargetChecks(PathChecks):
         dnssec_raw, dnssec_path = get("dnssec", False)
         if self.typed(dnssec_raw, dnssec_path, bool, "true or false") is not None:
             kwargs["dnssec"] = dnssec_raw
+        histograms_raw, histograms_path = get("histograms", False)
+        if self.typed(histograms_raw, histograms_path, bool, "true or false") is not None:
+            kwargs["histograms"] = histograms_raw
         window_raw, window_path = get("dns_reply_window")
         if window_raw is not None and (window := self.duration(window_raw, window_path)) is not None:
             if timeout is not None and window >= timeout:

@@ -25,11 +25,12 @@ from prometheus_client.core import (
 
 from probe import loop
 from probe.config import Config, Target
-from probe.exporter.exposition import render_pairs
-from probe.models import PATH_STATS, Outcome, Phase
-from probe.store import Histogram, ResultStore
+from probe.exporter.exposition import FAMILIES, render_pairs
+from probe.models import PATH_STATS, Phase
+from probe.store import LAG_BUCKETS, PHASE_BUCKETS, Histogram, ResultStore
 
 PAIR_LABELS = ("vantage", "target", "route")
+HELP = {f.name: f.help for f in FAMILIES}
 DNS_LABELS = ("vantage", "target", "resolver")
 
 
@@ -63,7 +64,7 @@ def render(store: ResultStore, config: Config) -> bytes:
 def render_chunks(store: ResultStore, config: Config) -> Iterator[bytes]:
     """Yield the text exposition in pieces: the per-pair families written directly, then the rest.
 
-    The per-pair families are the bulk (about 130 samples per pair); exposition.py writes them
+    The per-pair families are the bulk (16-20 samples per pair by default); exposition.py writes them
     as text without building a prometheus_client object per sample. The rest goes through
     prometheus_client. Same samples as generate_latest(build_registry(...)); tests hold both.
     """
@@ -117,38 +118,29 @@ def _gauge(
 
 
 # The reference for exposition.py, which writes these same families as text for /metrics: a
-# family added here must be added there too (tests/test_exposition.py compares the two).
+# family added here must be added there too (tests/test_exposition.py compares the two). A family
+# without a single series is left out, as there.
 def _pair_families(store: ResultStore, config: Config, targets: list[Target]) -> list[Metric]:
-    success = _gauge("probe_success", "Whether the last probe of the target over the route succeeded.")
-    duration = _gauge("probe_duration_seconds", "How long the last probe took, in seconds.")
-    http_phases = _gauge(
-        "probe_http_duration_seconds",
-        "Duration of each phase of the last HTTP probe (0 when the phase did not complete).",
-        ("phase",),
-    )
-    status = _gauge("probe_http_status_code", "HTTP status of the last response (0: none).")
-    expiry = _gauge("probe_ssl_earliest_cert_expiry", "Earliest expiry of the verified chain, unix seconds.")
-    tls_version = _gauge("probe_tls_version_info", "TLS version of the last handshake.", ("version",))
-    outcome = _gauge(
-        "probe_outcome", "1 for the outcome of the last probe, 0 for every other outcome.", ("outcome",)
-    )
-    blocked = _gauge("probe_blocked", "1 when the last outcome is an interference class.")
-    throughput = _gauge("probe_throughput_bytes_per_second", "Download throughput of the last probe.")
-    runs = CounterMetricFamily("probe_runs_total", "Probes run, by outcome.", labels=[*PAIR_LABELS, "outcome"])
+    def gauge(name: str, extra: tuple[str, ...] = ()) -> GaugeMetricFamily:
+        return _gauge(name, HELP[name], extra)
+
+    success = gauge("probe_success")
+    duration = gauge("probe_duration_seconds")
+    http_phases = gauge("probe_http_duration_seconds", ("phase",))
+    status = gauge("probe_http_status_code")
+    expiry = gauge("probe_ssl_earliest_cert_expiry")
+    tls_version = gauge("probe_tls_version_info", ("version",))
+    outcome = gauge("probe_outcome", ("outcome",))
+    blocked = gauge("probe_blocked")
+    throughput = gauge("probe_throughput_bytes_per_second")
+    runs = CounterMetricFamily("probe_runs_total", HELP["probe_runs_total"], labels=[*PAIR_LABELS, "outcome"])
     phases = HistogramMetricFamily(
-        "probe_phase_seconds", "Duration of each completed probe phase.", labels=[*PAIR_LABELS, "phase"]
+        "probe_phase_seconds", HELP["probe_phase_seconds"], labels=[*PAIR_LABELS, "phase"]
     )
-    rank = _gauge("probe_route_rank", "Rank of the route for the target; 1 is the one to use.")
-    sni_filtered = _gauge(
-        "probe_sni_filtered",
-        "1: the last run proved name-based filtering (the control handshake answered, the target's did not); "
-        "0: neither answered. Absent when not tested.",
-    )
-    score = _gauge(
-        "probe_route_score",
-        "Route score from the last 20 runs: p90 x (1 + 4 x failure share) + s/MiB + tier offset; lower is better.",
-    )
-    last_run = _gauge("probe_last_run_timestamp_seconds", "When the last probe finished, unix seconds.")
+    rank = gauge("probe_route_rank")
+    sni_filtered = gauge("probe_sni_filtered")
+    score = gauge("probe_route_score")
+    last_run = gauge("probe_last_run_timestamp_seconds")
 
     ranking = store.ranking(config)
     for target in targets:
@@ -156,17 +148,18 @@ def _pair_families(store: ResultStore, config: Config, targets: list[Target]) ->
         for route in target.routes:
             labels = [config.vantage, target.name, route]
             result = store.latest(target.name, route)
-            counts = store.runs(target.name, route)
-            for o in Outcome:
-                runs.add_metric([*labels, o.value], counts.get(o, 0))
-                outcome.add_metric([*labels, o.value], float(result is not None and result.outcome is o))
-            for phase in Phase:
-                _add_histogram(phases, [*labels, phase.value], store.phase_histogram(target.name, route, phase))
+            for o, n in store.runs(target.name, route).items():
+                runs.add_metric([*labels, o.value], n)
+            if target.histograms:
+                for phase in Phase:
+                    _add_histogram(phases, [*labels, phase.value], store.phase_histogram(target.name, route, phase),
+                                   PHASE_BUCKETS)
             if route in ranked:
                 rank.add_metric(labels, ranked[route][0])
                 score.add_metric(labels, ranked[route][1])
             if result is None:
                 continue
+            outcome.add_metric([*labels, result.outcome.value], 1)
             success.add_metric(labels, float(result.success))
             duration.add_metric(labels, result.duration_seconds)
             blocked.add_metric(labels, float(result.blocked))
@@ -184,10 +177,11 @@ def _pair_families(store: ResultStore, config: Config, targets: list[Target]) ->
             downloads = target.http is not None and target.http.download is not None
             if downloads and result.throughput_bytes_per_second is not None:
                 throughput.add_metric(labels, result.throughput_bytes_per_second)
-    return [
+    out: list[Metric] = [
         success, duration, http_phases, status, expiry, tls_version, outcome, blocked, throughput,
         runs, phases, rank, score, last_run, sni_filtered,
     ]
+    return [m for m in out if m.samples]
 
 
 def _dns_families(store: ResultStore, vantage: str, targets: Sequence[Target]) -> list[Metric]:
@@ -200,7 +194,7 @@ def _dns_families(store: ResultStore, vantage: str, targets: Sequence[Target]) -
     replies = _gauge("probe_dns_replies", "DNS replies received for the last query.", labels=DNS_LABELS)
     outcome = _gauge(
         "probe_dns_outcome",
-        "1 for the outcome of the resolver's last check, 0 for every other outcome.",
+        "The outcome of the resolver's last check, value 1; the series of an earlier outcome goes stale.",
         ("outcome",),
         labels=DNS_LABELS,
     )
@@ -211,10 +205,9 @@ def _dns_families(store: ResultStore, vantage: str, targets: Sequence[Target]) -
         for resolver in target.resolvers:
             labels = [vantage, target.name, resolver]
             result = latest.get(resolver)
-            for o in Outcome:
-                outcome.add_metric([*labels, o.value], float(result is not None and result.outcome is o))
             if result is None:
                 continue
+            outcome.add_metric([*labels, result.outcome.value], 1)
             replies.add_metric(labels, result.replies)
             if result.duration_seconds is not None:
                 lookup.add_metric(labels, result.duration_seconds)
@@ -286,7 +279,7 @@ def _prober_families(store: ResultStore, vantage: str) -> list[Metric]:
         "How late scheduled probes started: actual start minus planned time.",
         labels=["vantage"],
     )
-    _add_histogram(lag, [vantage], store.lag)
+    _add_histogram(lag, [vantage], store.lag, LAG_BUCKETS)
     stall = HistogramMetricFamily(
         "prober_loop_stall_seconds",
         f"How late the event loop ran a {loop.TICK * 1000:.0f} ms timer: the monitor's own stalls "
@@ -325,8 +318,10 @@ def _local_hour_family(config: Config) -> Metric:
     return info
 
 
-def _add_histogram(family: HistogramMetricFamily, labels: list[str], hist: Histogram | None) -> None:
-    hist = hist or Histogram()
+def _add_histogram(
+    family: HistogramMetricFamily, labels: list[str], hist: Histogram | None, bounds: Sequence[float]
+) -> None:
+    hist = hist or Histogram(bounds)
     buckets = [(_le(bound), float(n)) for bound, n in hist.cumulative()]
     family.add_metric(labels, buckets, hist.sum)
 
