@@ -85,7 +85,7 @@ class PairState:
     and `sums` per phase.
     """
 
-    __slots__ = ("counts", "history", "latest", "memo", "phases", "runs", "since", "sums")
+    __slots__ = ("counts", "history", "latest", "memo", "phases", "runs", "seen", "since", "sums")
 
     def __init__(self, first: ProbeResult, histograms: bool = False) -> None:
         self.latest = first
@@ -94,6 +94,7 @@ class PairState:
         # Unsigned 32-bit counters (4 bytes, not 8: 10,000 pairs x 67 of them): 4.29e9 runs of one
         # pair is 136 years at one probe a second.
         self.runs = array("I", bytes(4 * len(OUTCOMES)))
+        self.seen = b""  # the indexes into `runs` of the outcomes that happened, ascending
         self.counts: array[int] | None = None
         self.sums: array[float] | None = None
         self.phases = array("d", bytes(8 * len(PHASES)))
@@ -116,7 +117,10 @@ class PairState:
             self.since = result.started_at
         self.latest = result
         self.memo = None
-        self.runs[_CODE[result.outcome]] += 1
+        code = _CODE[result.outcome]
+        if not self.runs[code]:
+            self.seen = bytes(sorted((*self.seen, code)))
+        self.runs[code] += 1
         counts, sums, latest = self.counts, self.sums, self.phases
         latest[:] = _NO_PHASES
         total = 0.0

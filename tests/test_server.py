@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import re
 import signal
@@ -129,6 +130,27 @@ async def test_metrics_endpoint_serves_the_text_exposition(client: Client, servi
     assert gauge(text, "prober_config_last_reload_successful") == [1.0]
     assert "process_cpu_seconds_total" in text
     assert "hunter2" not in text
+
+
+async def test_metrics_are_gzipped_when_the_scraper_accepts_it_identity_otherwise(
+    client: Client, service: Service
+) -> None:
+    await service.probe_target("web")
+    async with aiohttp.ClientSession(auto_decompress=False) as raw:
+        async with raw.get(client.make_url("/metrics"), headers={"Accept-Encoding": "gzip"}) as r:
+            assert r.status == 200 and r.headers["Content-Encoding"] == "gzip"
+            assert r.headers["Vary"] == "Accept-Encoding" and r.headers["Content-Type"] == CONTENT_TYPE_LATEST
+            zipped = await r.read()
+        async with raw.get(client.make_url("/metrics"), headers={"Accept-Encoding": "identity"}) as r:
+            assert "Content-Encoding" not in r.headers
+            plain = await r.read()
+    text = gzip.decompress(zipped)
+    assert len(zipped) < len(text) / 3
+
+    def pairs(body: bytes) -> bytes:  # the per-pair families: the process' own figures move between scrapes
+        return body.split(b"# HELP probe_dns_")[0]
+
+    assert pairs(text) == pairs(plain) and b'probe_outcome{vantage="test-vantage",target="web"' in text
 
 
 async def test_api_results_has_the_design_json_shape(client: Client, service: Service) -> None:

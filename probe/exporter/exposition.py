@@ -245,12 +245,19 @@ def _throughput(rows: Sequence[_Row], states: Sequence[PairState | None], texts:
     return out
 
 
+_runs_templates: dict[bytes, bytes] = {}  # per set of outcomes that happened (PairState.seen), its lines
+
+
 def _runs(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranked: object) -> list[bytes]:
     out = []
     for r, s in zip(rows, states, strict=True):
         if s is not None:
-            head = b"probe_runs_total{" + r.labels
-            out += [head + _RUNS_TAIL[i] % n for i, n in enumerate(s.runs) if n]
+            template = _runs_templates.get(s.seen)
+            if template is None:
+                template = _runs_templates[s.seen] = b"".join(b"probe_runs_total{" + LABELS + _RUNS_TAIL[i]
+                                                             for i in s.seen)
+            runs = s.runs
+            out.append((template % tuple([runs[i] for i in s.seen])).replace(LABELS, r.labels))
     return out
 
 

@@ -14,6 +14,7 @@ from probe import debuglog
 from probe.config import Config
 from probe.exporter import debugtrace
 from probe.exporter.api import results_json, routes_json
+from probe.exporter.compression import Gzipper, accepts_gzip
 from probe.exporter.limits import ListenerLimits, write_within
 from probe.exporter.metrics import render_chunks, render_target
 from probe.exporter.shared import SharedRendering
@@ -68,6 +69,11 @@ def create_app(
     h = _Handlers(backend, limits or ListenerLimits())
     middlewares = [auth_middleware(BasicAuth(web_config.users))] if web_config and web_config.users else []
     app = web.Application(middlewares=middlewares)
+
+    async def close_gzipper(app: web.Application) -> None:
+        h.gzipper.close()
+
+    app.on_cleanup.append(close_gzipper)
     app.router.add_get("/", h.index)
     app.router.add_get("/static/{name}", h.static)
     app.router.add_get("/metrics", h.metrics)
@@ -99,6 +105,7 @@ class _Handlers:
     def __init__(self, backend: Backend, limits: ListenerLimits) -> None:
         self.backend = backend
         self.limits = limits
+        self.gzipper = Gzipper()
         self._probing: dict[str, asyncio.Future[list[ProbeResult]]] = {}
         self._debugging: dict[str, asyncio.Future[str]] = {}
         self._rendering: SharedRendering | None = None
@@ -156,20 +163,27 @@ class _Handlers:
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         # Written in chunks of about 10,000 lines (exposition.CHUNK_LINES, ~1 MB of bytes): at 10,000
-        # pairs the text is ~120 MB, which need never be whole in memory, and the loop runs between
+        # pairs the text is ~14 MB, which need never be whole in memory, and the loop runs between
         # chunks, so many, pipelined or slow scrapers never stall the scheduler (a chunk costs 1-3 ms
         # of CPU).
         # Scrapes arriving while a rendering runs share it (exporter/shared.py); a client that does
-        # not take a chunk within the write timeout is dropped instead of pinning the text.
-        resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # not take a chunk within the write timeout is dropped instead of pinning the text. gzip
+        # when asked (Prometheus always asks): each scrape deflates the shared chunks in a thread.
+        gzip = accepts_gzip(request.headers.get("Accept-Encoding"))
+        headers = {"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"}
+        if gzip:
+            headers["Content-Encoding"] = "gzip"
+        resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
         shared = self._rendering
         if shared is None or not shared.joinable:
             shared = self._rendering = SharedRendering(render_chunks(self.backend.store, self.backend.config))
         async with aclosing(shared.read()) as chunks:
-            async for chunk in chunks:
-                if not await write_within(resp, request, chunk, self.limits.write_timeout):
-                    return resp
+            stream = self.gzipper.compress(chunks) if gzip else chunks
+            async with aclosing(stream):
+                async for data in stream:
+                    if data and not await write_within(resp, request, data, self.limits.write_timeout):
+                        return resp
         await resp.write_eof()
         return resp
 
