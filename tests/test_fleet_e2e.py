@@ -176,6 +176,9 @@ def probe_config(vantage: str, storage_port: int, api_port: int, ca_file: Path, 
             "group": "blobs",  # two endpoints of the same content: the group ranking picks one
             "download": {"url": f"https://localhost:{port}/blob", "min_bytes_per_second": 1000},
             "path": {"samples": 2, "spread": "100ms"},  # for the path dashboard and its hour-of-day rules
+            # probe_phase_seconds is opt-in (the series budget): on for storage, so the latency
+            # dashboard's heatmap and quantiles have data; api keeps the default.
+            "histograms": name == "storage",
         }
 
     return {

@@ -111,9 +111,11 @@ def overview() -> db.Dashboard:
     )
     board = board.with_panel(
         timeseries.Panel().title("Blocked probes by outcome").datasource(DS)
-        .description("Probes per second ending in each outcome other than ok, over the selected pairs.")
+        .description("Probes per second ending in each outcome other than ok, over the selected pairs; a vantage "
+                     "with none shows a line at 0 (probe_runs_total has a series only for outcomes that happened).")
         .with_target(q(
-            f'sum by (vantage, outcome) (rate(probe_runs_total{{{PAIR},outcome!="ok"}}[$__rate_interval]))',
+            f'sum by (vantage, outcome) (rate(probe_runs_total{{{PAIR},outcome!="ok"}}[$__rate_interval])) '
+            f'or on (vantage) (0 * sum by (vantage) (rate(probe_runs_total{{{PAIR}}}[$__rate_interval])))',
             "{{vantage}} {{outcome}}",
         ))
         .unit("ops").stacking(cb.StackingConfig().mode(common.StackingMode.NORMAL)).fill_opacity(40)
@@ -199,7 +201,9 @@ def latency() -> db.Dashboard:
     )
     board = board.with_panel(
         heatmap.Panel().title("Distribution of the $phase phase (probe_phase_seconds)").datasource(DS)
-        .description("How many probes of the selected pairs fell into each duration bucket per step.")
+        .description("How many probes of the selected pairs fell into each duration bucket per step. Only targets "
+                     "with `histograms: true` in targets.yml have these series (off by default: README, \"What it "
+                     "costs your Prometheus\").")
         .with_target(q(
             f'sum by (le) (increase(probe_phase_seconds_bucket{{{PAIR},phase=~"$phase"}}[$__rate_interval]))',
             "{{le}}", heatmap_format=True,
@@ -220,6 +224,8 @@ def latency() -> db.Dashboard:
     )
     board = board.with_panel(
         timeseries.Panel().title("p50 / p90 of the $phase phase").datasource(DS)
+        .description("From probe_phase_seconds: targets with `histograms: true` only. Without it, the SmokePing "
+                     "band and the phases of the last probe show the same paths from the gauges.")
         .with_target(q(
             f'histogram_quantile(0.5, sum by (vantage, target, route, le) '
             f'(rate(probe_phase_seconds_bucket{{{PAIR},phase=~"$phase"}}[$__rate_interval])))',
