@@ -40,10 +40,15 @@ class Scrape:
         self.lag_count = 0.0
         self.success_series = 0
         self.samples = 0
+        self.pair_series: dict[tuple[str, str], int] = {}  # series per (target, route): the series budget
         for line in text.splitlines():
             if not line or line[0] == "#":
                 continue
             self.samples += 1
+            if ',route="' in line:
+                target = line.partition('target="')[2].partition('"')[0]
+                pair = (target, line.partition(',route="')[2].partition('"')[0])
+                self.pair_series[pair] = self.pair_series.get(pair, 0) + 1
             if line.startswith("probe_runs_total{"):
                 outcome = line.partition('outcome="')[2].partition('"')[0]
                 self.runs[outcome] = self.runs.get(outcome, 0.0) + float(line.rpartition(" ")[2])
@@ -58,6 +63,11 @@ class Scrape:
     @property
     def total_runs(self) -> float:
         return sum(self.runs.values())
+
+    def series_per_pair(self) -> dict[str, float]:
+        """Return the most, the fewest and the mean series of a (target, route) pair."""
+        counts = list(self.pair_series.values()) or [0]
+        return {"max": max(counts), "min": min(counts), "mean": sum(counts) / len(counts)}
 
 
 def quantile(q: float, buckets: dict[float, float]) -> float:

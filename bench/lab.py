@@ -143,16 +143,18 @@ def http_get(url: str, timeout: float = 30.0) -> tuple[bytes, float]:
     return body, time.perf_counter() - t0
 
 
-def timed_fetch(base: str, path: str, timeout: float = 60.0) -> tuple[bytes, float]:
-    """GET base+path over a raw HTTP/1.0 socket; return the body and the seconds to its last byte.
+def timed_fetch(base: str, path: str, timeout: float = 60.0, gzip: bool = False) -> tuple[bytes, float]:
+    """GET base+path over a raw HTTP/1.0 socket; return the body (as sent) and the seconds to its last byte.
 
     For /metrics timings: urllib's chunked decoding costs more CPU than the server's work at
-    100 MB, and the benchmark's own client must not be what is measured.
+    100 MB, and the benchmark's own client must not be what is measured. With `gzip`, asks for
+    it as Prometheus does and fails unless the body came gzipped.
     """
     host, _, port = base.removeprefix("http://").rpartition(":")
+    accept = "Accept-Encoding: gzip\r\n" if gzip else ""
     t0 = time.perf_counter()
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n{accept}\r\n".encode())
         chunks, buf = [], bytearray(1 << 20)
         while n := s.recv_into(buf):
             chunks.append(bytes(buf[:n]))
@@ -161,6 +163,8 @@ def timed_fetch(base: str, path: str, timeout: float = 60.0) -> tuple[bytes, flo
     head, _, body = raw.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0]:
         raise RuntimeError(f"GET {path}: {head[:200]!r}")
+    if gzip and b"\r\ncontent-encoding: gzip" not in head.lower():
+        raise RuntimeError(f"GET {path}: asked for gzip, got {head[:300]!r}")
     return body, took
 
 

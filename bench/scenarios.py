@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import statistics
 import time
@@ -143,7 +144,15 @@ def scale(env: Env, pairs: int, rounds: int, rate: float = 400.0, min_interval: 
         body, _ = lab.timed_fetch(base, "/metrics")
         scrape = Scrape(body.decode())
         load = load_average()
-        times = []
+        # As Prometheus scrapes (Accept-Encoding: gzip), then without compression; the scheduler's
+        # lag is read over each set of scrapes (the figures between two parsed scrapes).
+        times_gzip, times = [], []
+        cpu0 = cpu_seconds(proc.pid)
+        for _ in range(scrapes):
+            zipped, took = lab.timed_fetch(base, "/metrics", gzip=True)
+            times_gzip.append(took)
+        scrape_cpu_gzip = (cpu_seconds(proc.pid) - cpu0) / scrapes
+        after_gzip = Scrape(gzip.decompress(zipped).decode())
         cpu0 = cpu_seconds(proc.pid)
         for _ in range(scrapes):
             body, took = lab.timed_fetch(base, "/metrics")
@@ -161,11 +170,15 @@ def scale(env: Env, pairs: int, rounds: int, rate: float = 400.0, min_interval: 
         "pairs": n * routes, "interval_seconds": interval, "rounds": rounds, "history_window": WINDOW,
         "pairs_with_results": after.success_series, "runs": after.total_runs,
         "ok_share": after.runs.get("ok", 0.0) / max(after.total_runs, 1.0),
+        "metrics_gzip_seconds_median": statistics.median(times_gzip), "metrics_gzip_seconds_max": max(times_gzip),
+        "metrics_gzip_cpu_seconds": scrape_cpu_gzip, "metrics_gzip_bytes": len(zipped),
+        "lag_during_gzip_scrapes": lag_between(scrape, after_gzip),
         "metrics_seconds_median": statistics.median(times), "metrics_seconds_max": max(times),
         "metrics_cpu_seconds": scrape_cpu, "metrics_bytes": len(body), "metrics_samples": after.samples,
+        "series_per_pair": after.series_per_pair(),
         "peak_rss_bytes": rss["VmHWM"], "rss_bytes": rss["VmRSS"], "rss_by_round": rss_by_round,
         "rss_growth_per_round_bytes": growth, "projected_peak_rss_full_history_bytes": projected,
         "scrape_peak_over_rss_bytes": scrape_peak,
-        "lag_during_scrapes": lag_between(scrape, after),  # starts between the first and the last scrape
+        "lag_during_scrapes": lag_between(after_gzip, after),  # starts between the gzip and the last scrape
         "load_average": load, "first_scrape_pairs_with_results": scrape.success_series,
     }

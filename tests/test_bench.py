@@ -71,10 +71,15 @@ def test_the_rate_steps_report_the_lag_measured_by_the_scheduler(figures: dict[s
 def test_scale_figures_grow_with_the_number_of_pairs(figures: dict[str, object]) -> None:
     small, big = figures["scale"]  # type: ignore[misc]
     assert small["pairs_with_results"] == small["pairs"] and big["pairs_with_results"] == big["pairs"]
-    assert big["metrics_samples"] > 4 * small["metrics_samples"]  # ~130 samples per pair
+    assert big["metrics_samples"] > 4 * small["metrics_samples"]  # ~16 samples per pair
     assert big["metrics_bytes"] > 4 * small["metrics_bytes"]
     assert 10 * 2**20 < small["peak_rss_bytes"] <= big["peak_rss_bytes"] * 1.2
-    assert 0 < small["metrics_seconds_median"] < 60
+    assert 0 < small["metrics_seconds_median"] < 60 and 0 < small["metrics_gzip_seconds_median"] < 60
+    for s in (small, big):
+        # The series of the scrape, per pair: the budget's figure (every pair ran, all ok, so all alike).
+        assert 10 <= s["series_per_pair"]["min"] <= s["series_per_pair"]["max"] <= 30, s["series_per_pair"]
+        assert 0 < s["metrics_gzip_bytes"] < s["metrics_bytes"] / 3
+        assert s["lag_during_gzip_scrapes"]["starts"] > 0
 
 
 def test_connect_timings_are_measured_against_the_known_delay(figures: dict[str, object]) -> None:
