@@ -39,7 +39,7 @@ async def _aiter(chunks: list[bytes]) -> AsyncIterator[bytes]:
 
 
 async def test_chunks_become_one_gzip_stream_deflated_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    chunks = [b"probe_success{target=\"t%d\"} 1.0\n" % i * 500 for i in range(20)]
+    chunks = [b"probe_success{target=\"t%d\"} 1.0\n" % i * 500 if i % 3 else b"" for i in range(30)]  # b"": a pause
     threads: set[str] = set()
     real = compression.zlib.compressobj
 

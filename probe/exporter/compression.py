@@ -48,12 +48,23 @@ class Gzipper:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gzip")
 
     async def compress(self, chunks: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
-        """Yield `chunks` as one gzip stream, each chunk deflated in the worker thread."""
+        """Yield `chunks` as one gzip stream, each chunk deflated in the worker thread.
+
+        One chunk is deflated while the loop renders the next (one worker runs the calls in
+        the order they were submitted, so the stream stays in order).
+        """
         loop = asyncio.get_running_loop()
         deflate = zlib.compressobj(LEVEL, zlib.DEFLATED, _GZIP_WBITS)
+        pending: asyncio.Future[bytes] | None = None
         async for chunk in chunks:
-            if chunk and (out := await loop.run_in_executor(self._executor, deflate.compress, chunk)):
+            if not chunk:
+                continue  # a pause of the renderer (the loop ran there already)
+            submitted = loop.run_in_executor(self._executor, deflate.compress, chunk)
+            if pending is not None and (out := await pending):
                 yield out
+            pending = submitted
+        if pending is not None and (out := await pending):
+            yield out
         yield await loop.run_in_executor(self._executor, deflate.flush)
 
     def close(self) -> None:
