@@ -338,3 +338,23 @@ async def test_without_cap_net_raw_the_fingerprint_is_skipped_and_said(monkeypat
     assert why == "no fingerprint: reading the forged packet's headers needs CAP_NET_RAW (root)"
     assert fingerprint.Capture.open("2001:db8::1", 443, socket.IPPROTO_TCP) == (
         None, "no fingerprint: the capture reads IPv4 headers only")
+
+
+async def test_residual_check_sends_the_control_name_where_configured() -> None:
+    async def reset_on_data(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # a censor that lets the handshake through and resets what follows
+        writer.transport.abort()
+
+    server = await asyncio.start_server(reset_on_data, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = loads(f"vantage: v\ntargets:\n  - {{name: t, address: '127.0.0.1:{port}', tls: true, locate: true,"
+                f" server_name: blocked.example, control_sni: free.example}}\n")
+    try:
+        found = await Locator(wait_residual=False).locate(cfg.target("t"), cfg.route("direct"), blocked("t"), cfg,
+                                                          ProbeContext(cfg))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert found.deferred is not None and found.deferred.startswith(
+        f"127.0.0.1:{port} answers a fresh connection but not a ClientHello for the control name free.example "
+        "(reset or closed after"), found

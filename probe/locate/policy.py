@@ -111,20 +111,40 @@ def _said(line: str) -> Localisation:
 
 
 async def _residual(plan: TcpPlan) -> str | None:
-    """Return why the address does not answer a fresh connection now (a residual block), or None if it does."""
+    """Return why the address does not answer a fresh connection now (a residual block), or None if it does.
+
+    Where the target has a `control_sni`, the connection also carries a ClientHello for it, which
+    must draw an answer: some censors let the handshake through and reset whatever follows.
+    """
     loop = asyncio.get_running_loop()
     reader_writer = asyncio.open_connection(
         plan.address, plan.port, local_addr=(plan.source, 0) if plan.source else None)
     started = loop.time()
     try:
-        _reader, writer = await asyncio.wait_for(reader_writer, RESIDUAL_CONNECT_TIMEOUT)
+        reader, writer = await asyncio.wait_for(reader_writer, RESIDUAL_CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as e:
         why = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else type(e).__name__
         return (f"{plan.address}:{plan.port} does not answer a fresh connection ({why} after "
                 f"{loop.time() - started:.1f} s): residual blocking after the reset (censors keep blocking the "
                 f"address for 90-180 s); localise once it lifts")
-    writer.transport.abort()
-    return None
+    try:
+        if plan.control_sni is None:
+            return None
+        # The control name draws an answer from the server unless the address is still blocked for any name.
+        writer.write(trigger.client_hello(plan.control_sni))
+        started = loop.time()
+        try:
+            answer = await asyncio.wait_for(reader.read(1), RESIDUAL_CONNECT_TIMEOUT)
+            refused: str | None = None if answer else "reset or closed"
+        except (OSError, TimeoutError) as e:
+            refused = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else type(e).__name__
+        if refused is None:
+            return None
+        return (f"{plan.address}:{plan.port} answers a fresh connection but not a ClientHello for the control name "
+                f"{plan.control_sni} ({refused} after {loop.time() - started:.1f} s): residual blocking after the "
+                f"reset (censors keep blocking the address for 90-180 s); localise once it lifts")
+    finally:
+        writer.transport.abort()
 
 
 def plan_for(target: Target, route: Route, result: ProbeResult, config: Config, ctx: DnsContext) -> Plan | str:
@@ -140,7 +160,7 @@ def plan_for(target: Target, route: Route, result: ProbeResult, config: Config, 
     if result.outcome is Outcome.TLS_RESET:
         return TcpPlan(
             result.address, target.port, trigger.client_hello(target.sni), f"ClientHello (sni={target.sni})",
-            trigger.client_hello(ctx.control_name), f"ClientHello for {ctx.control_name}", source)
+            trigger.client_hello(ctx.control_name), f"ClientHello for {ctx.control_name}", source, target.control_sni)
     if target.http is None or target.uses_tls:
         return (f"{result.outcome} inside TLS: the request travels encrypted, so a censor acting on it cannot be "
                 f"found by repeating it TTL-limited; not localised")

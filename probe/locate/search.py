@@ -37,6 +37,7 @@ class TcpPlan:
     control: bytes  # the same kind of packet without the trigger (another name)
     control_what: str
     source: str | None = None
+    control_sni: str | None = None  # the target's control name: the residual check also sends its ClientHello
 
 
 @dataclass(frozen=True, slots=True)
