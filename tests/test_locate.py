@@ -358,3 +358,11 @@ async def test_residual_check_sends_the_control_name_where_configured() -> None:
     assert found.deferred is not None and found.deferred.startswith(
         f"127.0.0.1:{port} answers a fresh connection but not a ClientHello for the control name free.example "
         "(reset or closed after"), found
+
+
+def test_an_http3_block_is_not_repeated_over_tcp() -> None:
+    cfg = loads("vantage: v\ntargets:\n"
+                "  - {name: h3, url: 'https://blocked.example/', http_version: 3, locate: true}\n")
+    why = plan_for(cfg.target("h3"), cfg.route("direct"), blocked("h3"), cfg, ProbeContext(cfg))
+    assert why == ("tls_reset of target kind http3: only TCP handshakes, plain-HTTP requests and UDP DNS queries are "
+                   "repeated TTL-limited; not localised")

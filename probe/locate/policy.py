@@ -152,7 +152,7 @@ def plan_for(target: Target, route: Route, result: ProbeResult, config: Config, 
     if result.outcome is Outcome.DNS_INJECTION:
         return _dns_plan(target, route, result, config, ctx)
     if target.kind not in _OVER_TCP:
-        return (f"{result.outcome} of a {target.kind} target: only TCP handshakes, plain-HTTP requests and UDP DNS "
+        return (f"{result.outcome} of target kind {target.kind}: only TCP handshakes, plain-HTTP requests and UDP DNS "
                 f"queries are repeated TTL-limited; not localised")
     if result.address is None or not is_ip(result.address):
         return f"no address to localise toward: the probe did not get as far as one ({result.outcome})"
