@@ -32,7 +32,7 @@ from tests.lab.world import _unavailable
 
 ZONE = {
     **{name: [STORAGE] for name in ("storage.example", "blocked-sni.example", "injected.example", "copy.example",
-                                    "flood.example", "blocked-host.example")},
+                                    "flood.example", "blocked-host.example", "slow.example")},
     "transparent.example": [TRANSPARENT],
     "residual.example": [RESIDUAL],
     "down.example": [DOWN],
@@ -121,6 +121,30 @@ def test_sni_reset_injector_is_found_at_its_hop_with_its_fingerprint(lab: tuple[
     assert 0 < injector["after_seconds"] < 1
     assert found["duration_seconds"] < 5
     assert 0 < found["packets"] <= PACKET_CAP
+
+
+# The TTL series alone, run in the vantage: for an injector too slow to block the probe itself.
+SERIES = """
+import asyncio, json, sys
+from probe.locate.search import TcpPlan, locate_tcp
+from probe.locate.trigger import client_hello
+plan = TcpPlan(sys.argv[1], 443, client_hello(sys.argv[2]), f"ClientHello (sni={sys.argv[2]})",
+               client_hello("example.com"), "ClientHello for example.com")
+print(json.dumps(asyncio.run(locate_tcp(plan)).to_json()))
+"""
+
+
+def test_slow_injector_is_found_at_its_hop_not_a_later_one(lab: tuple[Chain, str]) -> None:
+    # Its resets come 400 ms after the trigger (the GFW's come 11-445 ms after the ClientHello),
+    # long after each step's router said time-exceeded: every step stops waiting before its reset
+    # arrives, the later steps draw resets too, and the capture finds the first one all the same.
+    lab[0].censor(CENSOR_HOP, "rst", "--trigger", "slow.example", "--delay-ms", "400",
+                  match=sni_match("slow.example"))
+    found = json.loads(net.sh(sys.executable, "-c", SERIES, STORAGE, "slow.example", ns=lab_chain.VANTAGE))
+    assert (found["hop"], found["hops"]) == (CENSOR_HOP, routers(CENSOR_HOP)), json.dumps(found, indent=1)
+    assert 0.39 < found["injector"]["after_seconds"] < 1, found["injector"]
+    assert any("a slow injector, found in the capture" in line for line in found["evidence"]), found["evidence"]
+    assert found["duration_seconds"] < 5
 
 
 def test_plain_http_request_reset_is_found_at_its_hop(lab: tuple[Chain, str]) -> None:

@@ -22,7 +22,10 @@ from probe.models import Injector, Localisation
 MAX_HOPS = 30
 PACKET_CAP = 160  # packets one localisation may send, all steps and companions included
 TIME_BUDGET = 15.0  # seconds one TTL series may take, whatever the path does
-MIN_WINDOW, MAX_WINDOW = 0.15, 1.0  # how long a step waits for an answer
+MIN_WINDOW, MAX_WINDOW = 0.25, 1.0  # how long a step waits for an answer
+MIN_GRACE, MAX_GRACE = 0.15, 0.3  # how long it waits for a reset after its router's time-exceeded
+_KINDS = {"reset": "rst", "closed": "fin", "answer": "data"}
+_ANSWERED = {"rst": "reset", "fin": "close (FIN)", "data": "answer", "dns": "forged DNS answer"}
 TRACE_PORT = 33434  # the companion datagrams go to 33434 + TTL, as traceroute's do
 
 
@@ -58,7 +61,7 @@ def _window(rtt: float | None) -> float:
 
 
 def _grace(rtt: float | None) -> float:
-    return 0.1 if rtt is None else min(0.3, max(0.05, 2 * rtt + 0.02))
+    return MIN_GRACE if rtt is None else min(MAX_GRACE, max(MIN_GRACE, 2 * rtt + 0.02))
 
 
 class _Series:
@@ -99,11 +102,22 @@ async def locate_tcp(plan: TcpPlan) -> Localisation:
     if why_not:
         series.evidence.append(why_not)
     rtt: float | None = None
+    earlier: list[ttl.TcpStep] = []  # the steps that drew nothing: a slow injector may answer them late
+
+    async def late_or_none(line: str) -> Localisation:
+        # Before saying nothing acted: a slow injector's answer to an earlier step may have come since.
+        if capture is not None and (late := await _late(capture, earlier, MAX_GRACE)) is not None:
+            n, found = late
+            series.hops = series.hops[:n]
+            series.evidence.append(_late_line(n, found))
+            return await _judge_tcp(series, plan, n, _ANSWERED[found.kind], found)
+        series.evidence.append(line)
+        return series.result(None, None)
+
     try:
         for n in range(1, MAX_HOPS + 1):
             if (stop := series.over_budget(8)) is not None:
-                series.evidence.append(stop)
-                return series.result(None, None)
+                return await late_or_none(stop)
             step, companion = await asyncio.gather(
                 ttl.tcp_step(plan.address, plan.port, n, plan.payload, _window(rtt), source=plan.source,
                              grace=_grace(rtt)),
@@ -127,32 +141,52 @@ async def locate_tcp(plan: TcpPlan) -> Localisation:
                 return series.result(None, None)
             if step.event in (ttl.TcpEvent.EXPIRED, ttl.TcpEvent.SILENT):
                 if companion.reached:
-                    series.evidence.append(
+                    return await late_or_none(
                         f"TTL {n} reached {plan.address} (it answered the datagram) and drew no reset or forged "
                         f"answer ({plan.what}): nothing on the path acted on this trigger now")
-                    return series.result(None, None)
+                earlier.append(step)
                 continue
             answered = {"reset": "reset", "closed": "close (FIN)", "answer": "answer"}[str(step.event)]
             if companion.reached or companion.router == plan.address:
-                series.evidence.append(
+                return await late_or_none(
                     f"TTL {n} reached {plan.address} itself and drew a {answered}: that may be the server's own; "
                     f"no interference before it, no hop stated ({plan.what})")
-                return series.result(None, None)
             if step.event is ttl.TcpEvent.ANSWER and companion.router is None:
-                series.evidence.append(
+                return await late_or_none(
                     f"TTL {n}: an answer came back and nothing says the trigger died on the way: it probably "
                     f"reached the server ({plan.what}); no hop stated")
-                return series.result(None, None)
-            kind = {"reset": "rst", "closed": "fin", "answer": "data"}[str(step.event)]
+            kind = _KINDS[str(step.event)]
             seen = capture.first(step.local_port, kind=kind) if capture else None
-            after = step.after or 0.0
-            found = fingerprint.injector(kind, after, seen)
+            found = fingerprint.injector(kind, step.after or 0.0, seen)
+            if capture is not None and (late := await _late(capture, earlier, _grace(rtt))) is not None:
+                n, found = late
+                answered = _ANSWERED[found.kind]
+                series.hops = series.hops[:n]
+                series.evidence.append(_late_line(n, found))
             return await _judge_tcp(series, plan, n, answered, found)
-        series.evidence.append(f"no reset or forged answer up to TTL {MAX_HOPS} ({plan.what})")
-        return series.result(None, None)
+        return await late_or_none(f"no reset or forged answer up to TTL {MAX_HOPS} ({plan.what})")
     finally:
         if capture:
             capture.close()
+
+
+def _late_line(n: int, found: Injector) -> str:
+    return (f"the {_ANSWERED[found.kind]} to TTL {n} arrived {found.after_seconds * 1000:.0f} ms after its trigger, "
+            f"after that step had stopped waiting: a slow injector, found in the capture")
+
+
+async def _late(
+    capture: fingerprint.Capture, earlier: list[ttl.TcpStep] | list[ttl.UdpStep], settle: float
+) -> tuple[int, Injector] | None:
+    """Return (TTL, fingerprint) of the lowest earlier step that drew an answer after it stopped waiting."""
+    await asyncio.sleep(settle)  # an injector that answered the later step late may still be answering this one
+    for step in earlier:
+        seen = capture.first(step.local_port)
+        if seen is not None:
+            kind = "dns" if seen.window is None else ("rst" if "R" in seen.flag_text else
+                                                     "fin" if "F" in seen.flag_text else "data")
+            return step.ttl, fingerprint.injector(kind, seen.at - step.sent_at, seen)
+    return None
 
 
 async def _judge_tcp(series: _Series, plan: TcpPlan, n: int, answered: str, found: Injector) -> Localisation:
@@ -180,13 +214,14 @@ async def locate_dns(plan: DnsPlan) -> Localisation:
     capture, why_not = fingerprint.Capture.open(plan.server, plan.port, socket.IPPROTO_UDP)
     if why_not:
         series.evidence.append(why_not.replace("no fingerprint", "no IP ID in the fingerprint"))
+    earlier: list[ttl.UdpStep] = []
     try:
         for n in range(1, MAX_HOPS + 1):
             if (stop := series.over_budget(1)) is not None:
                 series.evidence.append(stop)
                 return series.result(None, None)
             step = await ttl.udp_step(plan.server, plan.port, n, plan.query, MAX_WINDOW, source=plan.source,
-                                      want_reply=True)
+                                      want_reply=True, grace=MIN_GRACE)
             series.packets += step.packets
             series.hops.append(step.router)
             forged = [step.reply] if step.reply is not None and dns_reply_matches(step.reply, plan.query_id) else []
@@ -194,18 +229,23 @@ async def locate_dns(plan: DnsPlan) -> Localisation:
                 if step.reached:
                     series.evidence.append(f"TTL {n} reached {plan.server} without a forged answer for {plan.name}")
                     return series.result(None, None)
+                earlier.append(step)
                 continue
             if not plan.canary and step.router is None:
                 series.evidence.append(
                     f"TTL {n}: {plan.server} answered for {plan.name} and no router said the query died on the way: "
                     f"the resolver's own answer; no forged answer before it, no hop stated")
                 return series.result(None, None)
-            seen = capture.first() if capture is not None else None  # nothing came before: the series stops here
+            seen = capture.first(step.local_port) if capture is not None else None
             found = Injector(
                 kind="dns", after_seconds=step.reply_after or 0.0,
                 ip_ttl=step.reply_ttl if step.reply_ttl is not None else (seen.ip_ttl if seen else None),
                 ip_id=seen.ip_id if seen else None, payload_bytes=len(step.reply or b""),
             )
+            if capture is not None and (late := await _late(capture, earlier, MIN_GRACE)) is not None:
+                n, found = late
+                series.hops = series.hops[:n]
+                series.evidence.append(_late_line(n, found))
             if found.ip_ttl == 1:
                 series.evidence.append(_ttl_copy_line(n, 1, "DNS answer"))
                 return series.result(None, found)

@@ -68,6 +68,8 @@ class UdpStep:
     reply_after: float | None = None
     replies: int = 0
     packets: int = 1
+    local_port: int = 0
+    sent_at: float = 0.0  # time.monotonic() when the datagram left
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,7 @@ class TcpStep:
     connect_seconds: float | None = None
     packets: int = 0
     error: str | None = None
+    sent_at: float = 0.0  # time.monotonic() when the trigger left
 
 
 def _levels(family: int) -> tuple[int, int, int]:
@@ -157,6 +160,7 @@ async def udp_step(
         else:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
         sock.connect((address, port))
+        local_port = sock.getsockname()[1]
         sock.setsockopt(level, ttl_option, ttl)
 
         def readable() -> None:
@@ -203,7 +207,7 @@ async def udp_step(
         ttl=ttl, router=router, reached=reached, errors=len(errors),
         sources=tuple(dict.fromkeys(e.source for e in errors if e.source)),
         reply=first[0] if first else None, reply_ttl=first[1] if first else None,
-        reply_after=first[2] - sent if first else None, replies=len(replies),
+        reply_after=first[2] - sent if first else None, replies=len(replies), local_port=local_port, sent_at=sent,
     )
 
 
@@ -228,6 +232,7 @@ async def tcp_step(
     level, ttl_option, recverr = _levels(family)
     sock = socket.socket(family, socket.SOCK_STREAM)
     event, after, icmp, local_port, connected_in, error = TcpEvent.SILENT, None, False, 0, None, None
+    sent = 0.0
     packets = 0
     try:
         sock.setblocking(False)
@@ -276,7 +281,7 @@ async def tcp_step(
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
-    return TcpStep(ttl, event, after, icmp, local_port, connected_in, packets, error)
+    return TcpStep(ttl, event, after, icmp, local_port, connected_in, packets, error, sent)
 
 
 def _segments_out(sock: socket.socket, default: int) -> int:

@@ -1,7 +1,7 @@
 """Censors for the localisation lab, each an NFQUEUE program in one router's PREROUTING hook.
 
     python -m tests.lab.censor rst --queue 1 --trigger blocked-sni.example --ttl 58 --ip-id 1 --window 1981 \\
-                                   --payload 10 [--copy-ttl]       # an SNI reset injector with a fingerprint
+                                   --payload 10 [--copy-ttl] [--delay-ms 400]   # an SNI reset injector
     python -m tests.lab.censor reset-all --queue 2                  # reset every data segment, whatever it says
     python -m tests.lab.censor dns --queue 3 --name injected.example --answer 203.0.113.99 --ttl 233 [--copy-ttl]
     python -m tests.lab.censor icmp-flood --queue 4 --count 200     # answer each expiring datagram 200 times
@@ -33,19 +33,25 @@ def rst(args: argparse.Namespace) -> None:
     """Forge one RST+ACK toward the client for a segment carrying `--trigger`, with a fixed fingerprint."""
     sender = packets.raw_sender()
     trigger = args.trigger.encode()
+    loop: QueueLoop
 
     def on_packet(pkt: Packet) -> None:
         ip = packets.parse_ipv4(pkt.get_payload())
         tcp = packets.parse_tcp(ip.payload)
         if trigger in tcp.payload:
             ttl = ip.ttl if args.copy_ttl else args.ttl
-            packets.send(sender, packets.tcp_packet(
+            forged = packets.tcp_packet(
                 ip.dst, ip.src, tcp.dport, tcp.sport, tcp.ack, tcp.seq + len(tcp.payload), packets.RST | packets.ACK,
-                b"\0" * args.payload, window=args.window, ttl=ttl, ident=args.ip_id))
-            log(f"rst for {ip.src}:{tcp.sport} (arrived with TTL {ip.ttl}, forged TTL {ttl})")
+                b"\0" * args.payload, window=args.window, ttl=ttl, ident=args.ip_id)
+            if args.delay_ms:  # a slow injector (the GFW's reset 11-445 ms after the ClientHello)
+                loop.later(args.delay_ms / 1000.0, lambda: packets.send(sender, forged))
+            else:  # before the packet goes on, so that the reset beats the server's answer
+                packets.send(sender, forged)
+            log(f"rst for {ip.src}:{tcp.sport} (arrived with TTL {ip.ttl}, forged TTL {ttl}, in {args.delay_ms} ms)")
         pkt.accept()
 
-    QueueLoop(args.queue, on_packet, args.max_seconds).run()
+    loop = QueueLoop(args.queue, on_packet, args.max_seconds)
+    loop.run()
 
 
 def reset_all(args: argparse.Namespace) -> None:
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=1981)
     p.add_argument("--payload", type=int, default=10, help="bytes of zeros the reset carries")
     p.add_argument("--copy-ttl", action="store_true")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="send the reset this long after the trigger")
     p = sub.add_parser("reset-all")
     common_arguments(p)
     p = sub.add_parser("dns")
