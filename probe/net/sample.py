@@ -27,6 +27,10 @@ from icmplib import (
     SocketPermissionError,
     TimeoutExceeded,
 )
+
+# python-socks' connectors run the handshake over a stream we hand them, which lets the sample time
+# the CONNECT request and the first byte of its reply; they live in its underscore modules (tests/
+# test_path.py runs them against real microsocks and tinyproxy, so an upgrade that moves them fails).
 from python_socks import ProxyType
 from python_socks._connectors.factory_async import create_connector
 from python_socks._errors import IncompleteReadError
