@@ -201,7 +201,8 @@ def test_the_evening_peak_shows_in_the_vantages_local_hours(week: tuple[Promethe
     edges = {EVENING[0], EVENING[-1] + 1}
     assert all(abs(loss[h] - 0.20) < 0.001 for h in set(EVENING) - edges), loss
     assert all(abs(loss[h] - 0.01) < 0.001 for h in set(range(24)) - set(EVENING) - edges), loss
-    assert all(0.01 < loss[h] < 0.20 for h in edges), loss
+    # Whether an edge hour mixes depends on the evaluations' phase in the hour (it varied between checkouts).
+    assert all(0.009 < loss[h] < 0.201 for h in edges), loss
     assert sorted(sorted(p90, key=p90.get, reverse=True)[:len(EVENING)]) == list(EVENING), p90  # type: ignore[arg-type]
     # In UTC the evening would be 11-14: the view is in the vantage's time zone, not the server's.
     assert loss[11] < 0.05 and loss[19] > 0.15
