@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 import struct
+from typing import NamedTuple
 
 from probe import debuglog
 from probe.classify import Stage
@@ -274,7 +275,7 @@ async def _direct_connect(
         # worker thread even for an IP literal (uvloop does), which costs CPU and adds latency.
         err = sock.connect_ex((host, port))
         if err in _IN_PROGRESS:
-            await _writable(sock)
+            await writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
@@ -298,7 +299,8 @@ def _connected_in_kernel(sock: socket.socket) -> float | None:
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 
 
-async def _writable(sock: socket.socket) -> None:
+async def writable(sock: socket.socket, deadline: float | None = None) -> bool:
+    """Wait until `sock` is writable (a non-blocking connect has ended); False if `deadline` (loop time) came first."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     fd = sock.fileno()
@@ -309,20 +311,31 @@ async def _writable(sock: socket.socket) -> None:
 
     loop.add_writer(fd, ready)
     try:
-        await done
+        async with asyncio.timeout_at(deadline):  # None: no limit of its own
+            await done
+    except TimeoutError:
+        return False
     finally:
         loop.remove_writer(fd)
+    return True
 
 
 # struct tcp_info (linux/tcp.h): tcpi_rtt (smoothed RTT, microseconds) at byte 68, and
 # tcpi_total_retrans at byte 100. After the handshake the only RTT sample is the SYN's.
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
-_TCP_INFO_RTT = struct.Struct("=I")
+_TCP_INFO_U32 = struct.Struct("=I")
 _TCP_INFO_LEN = 104
 
 
-def kernel_handshake_seconds(sock: socket.socket) -> float | None:
-    """Return the kernel's SYN to SYN-ACK time of a just-connected socket; None if unknown or retransmitted."""
+class TcpInfo(NamedTuple):
+    """What the kernel knows of a TCP socket (the part of struct tcp_info we read)."""
+
+    rtt_us: int  # smoothed RTT; right after the handshake, the SYN's round trip
+    retransmits: int  # segments retransmitted in total, the SYN included
+
+
+def tcp_info(sock: socket.socket) -> TcpInfo | None:
+    """Return the kernel's smoothed RTT and retransmission count of a TCP socket; None if unknown."""
     if _TCP_INFO is None:
         return None
     try:
@@ -331,11 +344,19 @@ def kernel_handshake_seconds(sock: socket.socket) -> float | None:
         return None
     if len(info) < _TCP_INFO_LEN:
         return None
-    rtt_us: int = _TCP_INFO_RTT.unpack_from(info, 68)[0]
-    (retransmitted,) = _TCP_INFO_RTT.unpack_from(info, 100)
-    if retransmitted or rtt_us == 0:
+    rtt_us: int = _TCP_INFO_U32.unpack_from(info, 68)[0]
+    retransmits: int = _TCP_INFO_U32.unpack_from(info, 100)[0]
+    return TcpInfo(rtt_us, retransmits)
+
+
+def kernel_handshake_seconds(sock: socket.socket) -> float | None:
+    """Return the kernel's SYN to SYN-ACK time of a just-connected socket; None if unknown or retransmitted."""
+    info = tcp_info(sock)
+    if info is None:
+        return None
+    if info.retransmits or info.rtt_us == 0:
         return None  # Karn: a retransmitted SYN gives no clean sample; the loop's clock stands
-    return rtt_us / 1e6
+    return info.rtt_us / 1e6
 
 
 def close(conn: Connection) -> None:

@@ -39,7 +39,7 @@ from python_socks.async_.asyncio._resolver import Resolver
 from python_socks.async_.asyncio._stream import AsyncioSocketStream
 
 from probe.config import Proxy, Route
-from probe.net.dial import _direct_connect, kernel_handshake_seconds
+from probe.net.dial import _direct_connect, kernel_handshake_seconds, tcp_info, writable
 
 
 class SampleError(Exception):
@@ -72,7 +72,7 @@ async def tcp(host: str, port: int, route: Route, wait: float) -> float | None:
         started = _clock()
         err = sock.connect_ex((host, port))
         if err in (errno.EINPROGRESS, errno.EAGAIN):
-            if not await _writable(sock, wait):
+            if not await writable(sock, asyncio.get_running_loop().time() + wait):
                 return None
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         elapsed = _clock() - started
@@ -86,7 +86,7 @@ async def tcp(host: str, port: int, route: Route, wait: float) -> float | None:
         if handshake is None:
             # kernel_handshake_seconds() says None for a retransmitted SYN: the first one went
             # unanswered, which is the loss this sample exists to see.
-            return None if _retransmitted(sock) else elapsed
+            return None if (info := tcp_info(sock)) is not None and info.retransmits else elapsed
         return handshake
     finally:
         try:
@@ -94,34 +94,6 @@ async def tcp(host: str, port: int, route: Route, wait: float) -> float | None:
         except OSError:
             pass
         sock.close()
-
-
-def _retransmitted(sock: socket.socket) -> bool:
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    except OSError:
-        return False
-    return len(info) >= 104 and struct.unpack_from("=I", info, 100)[0] > 0
-
-
-async def _writable(sock: socket.socket, wait: float) -> bool:
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    fd = sock.fileno()
-
-    def ready() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_writer(fd, ready)
-    try:
-        async with asyncio.timeout(wait):
-            await done
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_writer(fd)
 
 
 class _TimedStream(AsyncioSocketStream):
