@@ -24,6 +24,7 @@ class DemoProcess:
     config: Path  # the targets.yml (JSON) the demo wrote and the monitor reloads
     log: Path  # its stderr
     auth: tuple[str, str] | None = None
+    description: str = ""  # what it printed on start, up to the monitor's line
 
     @property
     def base(self) -> str:
@@ -107,16 +108,17 @@ def running_demo(
         )
     try:
         assert proc.stdout is not None
-        config = None
+        config, lines = None, []
         for _ in range(100):  # the description ends with the monitor's address and the config it runs
             line = proc.stdout.readline()
             if not line:
                 break
+            lines.append(line)
             if line.startswith("monitor:"):
                 config = Path(line.split("(config ", 1)[1].split(";", 1)[0])
                 break
         assert config is not None, log.read_text()
-        yield DemoProcess(port, proc, config, log, auth)
+        yield DemoProcess(port, proc, config, log, auth, "".join(lines))
     finally:
         proc.terminate()
         try:

@@ -10,7 +10,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from probe.cli import build_parser
 from probe.demo.border import client_hello_sni
 from probe.models import Outcome
-from tests.proxies import free_port
+from tests.demo_proc import DemoProcess, running_demo
 
 WAIT_SECONDS = 25.0
 EXPECTED = {  # (target, route) -> the outcome the simulated border causes
@@ -61,35 +60,11 @@ def outcomes(port: int) -> dict[tuple[str, str], str]:
     return found
 
 
-@dataclass
-class Demo:
-    port: int
-    proc: subprocess.Popen[str]
-    log: Path  # its stderr
-
-
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoProcess]:
     """Run `probe demo` on a free port with short intervals; stop it afterwards."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("demo") / "stderr.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "probe", "demo", "--listen", f"127.0.0.1:{port}", "--interval", "2s",
-             "--timeout", "1500ms"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
-        )
-    try:
-        yield Demo(port, proc, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with running_demo(tmp_path_factory.mktemp("demo")) as demo:
+        yield demo
 
 
 def wait_for(
@@ -110,14 +85,14 @@ def wait_for(
     return seen
 
 
-def test_demo_shows_every_outcome_class_in_metrics(demo: Demo) -> None:
+def test_demo_shows_every_outcome_class_in_metrics(demo: DemoProcess) -> None:
     port, proc = demo.port, demo.proc
     assert set(EXPECTED.values()) == {str(o) for o in Outcome} - {"error"}
     seen = wait_for(port, proc, EXPECTED)
     assert {k: seen.get(k) for k in EXPECTED} == EXPECTED
 
 
-def test_demo_quic_filter_is_proven_name_based_by_the_control(demo: Demo) -> None:
+def test_demo_quic_filter_is_proven_name_based_by_the_control(demo: DemoProcess) -> None:
     port, proc = demo.port, demo.proc
     until = time.monotonic() + WAIT_SECONDS
     found: dict[str, float] = {}
@@ -139,16 +114,10 @@ def test_demo_quic_filter_is_proven_name_based_by_the_control(demo: Demo) -> Non
     assert results[("http3", "direct")]["phases"].keys() == {"resolve", "tls", "processing", "transfer"}
 
 
-def test_demo_prints_what_it_started_and_where(demo: Demo) -> None:
+def test_demo_prints_what_it_started_and_where(demo: DemoProcess) -> None:
     port, proc = demo.port, demo.proc
     wait_for(port, proc, {("storage", "direct"): "ok"})
-    assert proc.stdout is not None
-    lines = []
-    for _ in range(100):  # the description ends with the monitor's address
-        lines.append(proc.stdout.readline())
-        if lines[-1].startswith("monitor:") or not lines[-1]:
-            break
-    head = "".join(lines)
+    head = demo.description  # running_demo reads it up to the monitor's line
     assert "border, TLS" in head and "by SNI: reset sni-reset.demo" in head
     assert f"monitor: http://127.0.0.1:{port}/metrics" in head
 
@@ -172,7 +141,7 @@ def test_anything_but_a_client_hello_has_no_sni(data: bytes) -> None:
     assert client_hello_sni(data) is None
 
 
-def test_demo_stops_cleanly_on_sigterm(demo: Demo) -> None:
+def test_demo_stops_cleanly_on_sigterm(demo: DemoProcess) -> None:
     port, proc = demo.port, demo.proc
     wait_for(port, proc, {("storage", "direct"): "ok"})
     proc.terminate()
