@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
-import signal
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.lab.net import NETNS_ETC, ROOT, RUN_ID, LabError, LabUnavailable, Process, sh, start
+from tests.lab.net import NETNS_ETC, ROOT, RUN_ID, LabError, LabUnavailable, Process, remove_namespaces, sh, start
 
 ROUTERS = 6
 VANTAGE = f"plcv-{RUN_ID}"
@@ -53,25 +50,7 @@ def router_ns(hop: int) -> str:
 
 def cleanup_leftovers() -> None:
     """Delete this run's chain namespaces and those of runs whose process is gone."""
-    existing = {line.split()[0] for line in sh("ip", "netns", "list", check=False).splitlines() if line.split()}
-    stale = {n for n in existing if (m := _CHAIN_NAME.match(n)) and not _alive(int(m.group(1)))}
-    for name in (*NAMESPACES, *sorted(stale)):
-        if name in existing:
-            for pid in sh("ip", "netns", "pids", name, check=False).split():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            sh("ip", "netns", "delete", name, check=False)
-        shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    remove_namespaces(NAMESPACES, _CHAIN_NAME)
 
 
 @dataclass

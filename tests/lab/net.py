@@ -88,15 +88,21 @@ def missing_prerequisites() -> str | None:
 
 
 def cleanup_leftovers() -> None:
-    """Remove this run's namespaces, and those of earlier runs whose process is gone (and /etc/netns entries).
+    """Remove this run's namespaces, and those of earlier runs whose process is gone (and /etc/netns entries)."""
+    remove_namespaces(NAMESPACES, _LAB_NAME)
 
-    Only the lab's own names, not everything with the prefix: other labs on this machine
+
+def remove_namespaces(own: Sequence[str], stale_name: re.Pattern[str]) -> None:
+    """Remove the namespaces `own`, and those matching `stale_name` (group 1: a run's pid) whose run is gone.
+
+    Only a lab's own names, not everything with the prefix: other labs on this machine
     may use names that happen to start the same way, and a run that is still alive keeps
-    its own. The veth pairs are created inside the namespaces, so they go with them.
+    its own. The processes inside are killed and the /etc/netns entries removed; the veth
+    pairs are created inside the namespaces, so they go with them.
     """
     existing = {line.split()[0] for line in sh("ip", "netns", "list", check=False).splitlines() if line.split()}
-    stale = {n for n in existing if (m := _LAB_NAME.match(n)) and not _alive(int(m.group(1)))}
-    for name in (*NAMESPACES, *sorted(stale)):
+    stale = {n for n in existing if (m := stale_name.match(n)) and not _alive(int(m.group(1)))}
+    for name in (*own, *sorted(stale)):
         if name in existing:
             for pid in sh("ip", "netns", "pids", name, check=False).split():
                 with contextlib.suppress(ProcessLookupError, ValueError):
