@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import h11
@@ -57,13 +56,38 @@ async def _body(target: Target, route: Route, deadline: Deadline, ctx: ProbeCont
     await exchange(target, route, deadline, ctx, trace, _fetch)
 
 
-class Fetch(Protocol):
-    """One request over a fresh connection: `_fetch` here (HTTP/1.1), `http3._fetch` (HTTP/3)."""
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request of a probe: its URL's parts, what to send, how much body to read and what to time."""
 
-    def __call__(
-        self, url: str, target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace,
-        *, phases: bool, limit: int, headers: tuple[tuple[str, str], ...] = (), body_stage: Stage = Stage.TRANSFER,
-    ) -> Awaitable[Response]: ...
+    url: str
+    host: str
+    https: bool
+    port: int
+    authority: str  # the Host header (HTTP/1.1), :authority (HTTP/3)
+    path: str  # the request target: path and query
+    method: str
+    headers: tuple[tuple[str, str], ...]  # the configured ones, sent only on the target's own origin
+    limit: int  # body bytes read at most
+    phases: bool  # time the processing and transfer phases and keep the body (not for the download)
+    body_stage: Stage
+
+    @classmethod
+    def of(
+        cls, url: str, method: str, *, limit: int, phases: bool = True, headers: tuple[tuple[str, str], ...] = (),
+        body_stage: Stage = Stage.TRANSFER,
+    ) -> Request:
+        """Return the request of `url` (parsed once per URL)."""
+        host, https, port, authority, path = url_parts(url)
+        return cls(url, host, https, port, authority, path, method, headers, limit, phases, body_stage)
+
+    def server_name(self, target: Target) -> str:
+        """Return the name TLS sends: the target's server_name for its own host, else the URL's host."""
+        return target.server_name if self.host == target.host and target.server_name else self.host
+
+
+# One request over a fresh connection: `_fetch` here (HTTP/1.1), `http3._fetch` (HTTP/3).
+Fetch = Callable[[Request, Target, Route, Deadline, ProbeContext, Trace], Awaitable[Response]]
 
 
 async def exchange(
@@ -75,8 +99,8 @@ async def exchange(
     home = _origin(check.url)
     headers = check.headers
     while True:
-        resp = await fetch(url, target, route, deadline, ctx, trace, phases=True, limit=check.max_body_bytes,
-                           headers=headers)
+        request = Request.of(url, check.method, limit=check.max_body_bytes, headers=headers)
+        resp = await fetch(request, target, route, deadline, ctx, trace)
         location = dict(resp.headers).get("location")
         if not (check.follow_redirects and resp.status in _REDIRECTS and location):
             break
@@ -103,39 +127,31 @@ async def exchange(
         await _download(target, route, deadline, ctx, trace, fetch)
 
 
+async def reach(req: Request, target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace) -> str:
+    """Resolve the request's host and, over https, send the control first; return the address to connect to."""
+    address = await resolve(req.host, route, deadline, ctx, trace)
+    if req.https:
+        await control.send_first(target, route, address, req.port, deadline, ctx, trace)
+    return address
+
+
 async def _fetch(
-    url: str,
-    target: Target,
-    route: Route,
-    deadline: Deadline,
-    ctx: ProbeContext,
-    trace: Trace,
-    *,
-    phases: bool,
-    limit: int,
-    headers: tuple[tuple[str, str], ...] = (),
-    body_stage: Stage = Stage.TRANSFER,
+    req: Request, target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace
 ) -> Response:
-    host, https, port, host_header, path = url_parts(url)
-    address = await resolve(host, route, deadline, ctx, trace)
-    if https:
-        await control.send_first(target, route, address, port, deadline, ctx, trace)
-    conn = await dial.connect(address, port, route, trace)
+    address = await reach(req, target, route, deadline, ctx, trace)
+    conn = await dial.connect(address, req.port, route, trace)
     try:
-        if https:
-            server_name = target.server_name if host == target.host and target.server_name else host
-            await start_tls(conn, ctx.tls.verifying(target.ca_file), server_name, trace)
+        if req.https:
+            await start_tls(conn, ctx.tls.verifying(target.ca_file), req.server_name(target), trace)
         http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
-        trace.http_host = host_header
-        check = http_check(target)
-        method = check.method if phases else "GET"
-        request = _request(method, path, host_header, headers)
+        trace.http_host = req.authority
+        request = _request(req.method, req.path, req.authority, req.headers)
         begin = trace.now()
         trace.enter(Stage.REQUEST)
         head_bytes = http.send(request) or b""
         conn.write(head_bytes + (http.send(h11.EndOfMessage()) or b""))
         if (log := debuglog.current()) is not None:
-            log_head(log, "request", f"{method} {path} HTTP/1.1", request.headers)
+            log_head(log, "request", f"{req.method} {req.path} HTTP/1.1", request.headers)
         await conn.drain()
         head = await _next_event(http, conn, trace)
         while isinstance(head, h11.InformationalResponse):
@@ -144,16 +160,16 @@ async def _fetch(
         if log is not None:
             reason = head.reason.decode("latin-1")
             log_head(log, "response", f"HTTP/{head.http_version.decode()} {head.status_code} {reason}", head.headers)
-        if phases:
+        if req.phases:
             trace.add_phase(Phase.PROCESSING, trace.now() - begin)
         begin = trace.now()
-        trace.enter(body_stage)
+        trace.enter(req.body_stage)
         trace.body_bytes = 0
-        body, truncated = await _read_body(http, conn, trace, limit, keep=phases)
-        if phases:
+        body, truncated = await _read_body(http, conn, trace, req.limit, keep=req.phases)
+        if req.phases:
             trace.add_phase(Phase.TRANSFER, trace.now() - begin)
         if truncated:
-            trace.note(f"stopped reading the body at {limit} bytes (max_body_bytes)")
+            trace.note(f"stopped reading the body at {req.limit} bytes (max_body_bytes)")
         if log is not None:
             log.add(f"body: {trace.body_bytes} bytes{' (truncated)' if truncated else ''}")
         return Response(
@@ -298,10 +314,11 @@ async def _download(
     saved_phases, saved_tls = dict(trace.phases), trace.tls  # the phases describe the main request
     try:
         async with asyncio.timeout_at(deadline.at - target.timeout * DOWNLOAD_MARGIN):
-            resp = await fetch(
-                dl.url, target, route, deadline, ctx, trace, phases=False, limit=dl.max_bytes,
+            request = Request.of(
+                dl.url, "GET", limit=dl.max_bytes, phases=False,
                 headers=http_check(target).headers, body_stage=Stage.DOWNLOAD,  # a configured URL, not a redirect
             )
+            resp = await fetch(request, target, route, deadline, ctx, trace)
             if resp.status != 200:
                 raise Unexpected(f"download of {dl.url} answered status {resp.status}, expected 200")
     except TimeoutError:

@@ -13,9 +13,8 @@ from probe.config import Route, Target
 from probe.context import ProbeContext
 from probe.models import Deadline, Phase, ProbeResult
 from probe.net import quic
-from probe.probers import control
-from probe.probers.common import resolve, run_traced
-from probe.probers.http import USER_AGENT, Response, exchange, http_check, url_parts
+from probe.probers.common import run_traced
+from probe.probers.http import USER_AGENT, Request, Response, exchange, reach
 from probe.trace import Trace
 
 IDLE_MARGIN = 1.0  # seconds past the deadline: aioquic's idle timer must never end a probe before it does
@@ -32,73 +31,60 @@ async def _body(target: Target, route: Route, deadline: Deadline, ctx: ProbeCont
 
 
 async def _fetch(
-    url: str,
-    target: Target,
-    route: Route,
-    deadline: Deadline,
-    ctx: ProbeContext,
-    trace: Trace,
-    *,
-    phases: bool,
-    limit: int,
-    headers: tuple[tuple[str, str], ...] = (),
-    body_stage: Stage = Stage.TRANSFER,
+    req: Request, target: Target, route: Route, deadline: Deadline, ctx: ProbeContext, trace: Trace
 ) -> Response:
-    host, https, port, authority, path = url_parts(url)
-    if not https:
-        raise Unexpected(f"{url} is not https: HTTP/3 runs only over QUIC with TLS")
-    address = await resolve(host, route, deadline, ctx, trace)
-    await control.send_first(target, route, address, port, deadline, ctx, trace)
-    server_name = target.server_name if host == target.host and target.server_name else host
+    if not req.https:
+        raise Unexpected(f"{req.url} is not https: HTTP/3 runs only over QUIC with TLS")
+    address = await reach(req, target, route, deadline, ctx, trace)
+    server_name = req.server_name(target)
     config = quic.configuration(
         server_name, target.ca_file, verify=True, idle_timeout=deadline.remaining() + IDLE_MARGIN
     )
-    trace.peer = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    trace.peer = f"[{address}]:{req.port}" if ":" in address else f"{address}:{req.port}"
     trace.sni = server_name
     trace.enter(Stage.CONNECT)  # only the local socket: a failure here is ours, not the path's
-    session = await quic.open_session(address, port, config, route.source_address)
+    session = await quic.open_session(address, req.port, config, route.source_address)
     try:
         with trace.phase(Phase.TLS, Stage.TLS):
             session.start()
             await session.handshake()
         trace.tls = session.tls_info()
-        check = http_check(target)
         request = [
-            (b":method", (check.method if phases else "GET").encode()),
+            (b":method", req.method.encode()),
             (b":scheme", b"https"),
-            (b":authority", authority.encode()),
-            (b":path", path.encode()),
+            (b":authority", req.authority.encode()),
+            (b":path", req.path.encode()),
             (b"user-agent", USER_AGENT.encode()),
             (b"accept", b"*/*"),
-            *((k.lower().encode(), v.encode()) for k, v in headers),  # the target's own only on its origin
+            *((k.lower().encode(), v.encode()) for k, v in req.headers),  # the target's own only on its origin
         ]
-        trace.http_host = authority
+        trace.http_host = req.authority
         begin = trace.now()
         trace.enter(Stage.REQUEST)
         session.request(request)
         status, head, ended = await _response_head(session)
-        if phases:
+        if req.phases:
             trace.add_phase(Phase.PROCESSING, trace.now() - begin)
         begin = trace.now()
-        trace.enter(body_stage)
+        trace.enter(req.body_stage)
         trace.body_bytes = 0
         chunks: list[bytes] = []
         truncated = False
         while not ended:
             event = await session.next_event()
             if isinstance(event, DataReceived):
-                take = min(len(event.data), limit - trace.body_bytes)
-                if phases:
+                take = min(len(event.data), req.limit - trace.body_bytes)
+                if req.phases:
                     chunks.append(event.data[:take])
                 trace.body_bytes += take
-                if trace.body_bytes >= limit:
+                if trace.body_bytes >= req.limit:
                     truncated = True
                     break
             ended = event.stream_ended  # trailers (a late HeadersReceived) end the body too
-        if phases:
+        if req.phases:
             trace.add_phase(Phase.TRANSFER, trace.now() - begin)
         if truncated:
-            trace.note(f"stopped reading the body at {limit} bytes (max_body_bytes)")
+            trace.note(f"stopped reading the body at {req.limit} bytes (max_body_bytes)")
         return Response(status=status, headers=head, body=b"".join(chunks), truncated=truncated)
     finally:
         session.close()
