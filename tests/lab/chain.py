@@ -16,7 +16,6 @@ and `cleanup_leftovers()` delete this run's namespaces and those of dead runs.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -24,7 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.lab.net import NETNS_ETC, ROOT, RUN_ID, LabError, LabUnavailable, Process, remove_namespaces, sh, start
+from tests.lab.net import (
+    NETNS_ETC,
+    RUN_ID,
+    LabError,
+    LabUnavailable,
+    Process,
+    remove_namespaces,
+    run_probe,
+    sh,
+    start,
+)
 
 ROUTERS = 6
 VANTAGE = f"plcv-{RUN_ID}"
@@ -149,17 +158,7 @@ class Chain:
 
     def probe(self, config: dict[str, Any], *args: str) -> dict[str, Any]:
         """Run `probe once --json -c CONFIG ARGS` inside the vantage; return its JSON output."""
-        import subprocess
-
-        path = self.directory / "targets.json"
-        path.write_text(json.dumps(config, indent=1))
-        argv = ["ip", "netns", "exec", VANTAGE, sys.executable, "-m", "probe", "once", "--json", "-c", str(path),
-                *args]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=90, cwd=ROOT, stdin=subprocess.DEVNULL)
-        if done.returncode not in (0, 1):
-            raise LabError(f"probe once exited {done.returncode}: {done.stderr.strip()}")
-        result: dict[str, Any] = json.loads(done.stdout)
-        return result
+        return run_probe(VANTAGE, self.directory, config, *args, timeout=90)
 
 
 @contextlib.contextmanager

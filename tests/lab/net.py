@@ -361,16 +361,24 @@ class Lab:
         `realtime` runs it at real-time priority, so that timing tests measure the probe's own
         clock work rather than how busy the machine is.
         """
-        path = self.directory / "targets.json"  # YAML is a superset of JSON
-        path.write_text(json.dumps(config, indent=1))
-        priority = ["chrt", "-f", "10"] if realtime and realtime_allowed() else []
-        argv = ["ip", "netns", "exec", VANTAGE, *priority, sys.executable, "-m", "probe", command, "--json",
-                "-c", str(path), *args]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
-        if done.returncode not in (0, 1):
-            raise LabError(f"probe {command} exited {done.returncode}: {done.stderr.strip()}")
-        result: dict[str, Any] = json.loads(done.stdout)
-        return result
+        return run_probe(VANTAGE, self.directory, config, *args, command=command, realtime=realtime)
+
+
+def run_probe(
+    ns: str, directory: Path, config: dict[str, Any], *args: str, command: str = "once", realtime: bool = False,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """Run `probe COMMAND --json -c CONFIG ARGS` inside `ns` (CONFIG written to `directory`); return its JSON output."""
+    path = directory / "targets.json"  # YAML is a superset of JSON
+    path.write_text(json.dumps(config, indent=1))
+    priority = ["chrt", "-f", "10"] if realtime and realtime_allowed() else []
+    argv = ["ip", "netns", "exec", ns, *priority, sys.executable, "-m", "probe", command, "--json",
+            "-c", str(path), *args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+    if done.returncode not in (0, 1):
+        raise LabError(f"probe {command} exited {done.returncode}: {done.stderr.strip()}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
 
 
 @functools.cache
