@@ -101,7 +101,7 @@ class PairState:
         self.counts: array[int] | None = None
         self.sums: array[float] | None = None
         self.phases = array("d", bytes(8 * len(PHASES)))
-        self.memo: bytes | None = None  # exposition's text of the float values; None when they changed
+        self.memo: bytes | None = None  # exposition's text of the float values and run counters; None: changed
         self.keep_histograms(histograms)
         self.record(first)
 
@@ -163,6 +163,7 @@ class ResultStore:
         self._clock = clock
         self._state: dict[Pair, PairState] = {}  # pairs with a result since configured
         self._ranked: dict[str, list[Ranked]] = {}  # target -> its ranking, as of its last record
+        self._rank_of: dict[Pair, Ranked] = {}  # the same per (target, route), for /metrics
         self._group_ranked: dict[str, list[Ranked]] = {}  # group -> its ranking, as of its last record
         self._route_leaders: dict[str, str] = {}  # target -> the route holding rank 1
         self._group_leaders: dict[str, Pair] = {}  # group -> the (target, route) holding rank 1
@@ -243,6 +244,7 @@ class ResultStore:
             state.memo = None  # a timeout may have changed, and with it the score
             state.keep_histograms(config.target(target).histograms)
         self._ranked.clear()  # timeouts, routes and groups may have changed
+        self._rank_of.clear()
         self._group_ranked.clear()
         self._route_leaders = {t: r for t, r in self._route_leaders.items() if (t, r) in self._pairs}
         groups = {t.group for t in config.targets if t.group is not None}
@@ -279,6 +281,21 @@ class ResultStore:
     def state(self, target: str, route: str) -> PairState | None:
         """Return everything kept of one pair (None before its first result); for exposition, read only."""
         return self._state.get((target, route))
+
+    def states(self, pairs: Sequence[Pair]) -> list[PairState | None]:
+        """Return state() of each of `pairs`, in their order; for exposition, read only."""
+        get = self._state.get
+        return [get(pair) for pair in pairs]
+
+    def ranks(self, pairs: Sequence[Pair], config: Config | None = None) -> list[Ranked | None]:
+        """Return each pair's place in its target's ranking (see ranking()), in their order; None if not ranked."""
+        if config is not None and config is not self.config:
+            by_pair = {(x.target, x.route): x for ranked in self.ranking(config).values() for x in ranked}
+            return [by_pair.get(pair) for pair in pairs]
+        if len(self._rank_of) < len(self._pairs):
+            self.ranking()  # ranks the targets that did not record since the config came
+        get = self._rank_of.get
+        return [get(pair) for pair in pairs]
 
     def history(self, target: str, route: str) -> History:
         """Return what the ranking keeps of the recent runs of one pair (a copy)."""
@@ -344,7 +361,8 @@ class ResultStore:
         for t in config.targets:
             ranked = self._ranked.get(t.name)
             if ranked is None:
-                ranked = self._ranked[t.name] = ranking.rank(self._candidates([t]), self._route_leader(t.name))
+                ranked = ranking.rank(self._candidates([t]), self._route_leader(t.name))
+                self._keep_ranked(t.name, ranked)
             out[t.name] = list(ranked)
         return out
 
@@ -377,11 +395,16 @@ class ResultStore:
             for route in t.routes
         ]
 
+    def _keep_ranked(self, target: str, ranked: list[Ranked]) -> None:
+        self._ranked[target] = ranked
+        for x in ranked:
+            self._rank_of[(x.target, x.route)] = x
+
     def _update_leaders(self, target: Target) -> None:
         # Ranked again with the leader it picks, the order is the same (that leader is its rank 1,
         # or nothing works), so this ranking is what readers get until the target records again.
         ranked = ranking.rank(self._candidates([target]), self._route_leader(target.name))
-        self._ranked[target.name] = ranked
+        self._keep_ranked(target.name, ranked)
         leader = ranking.leader_of(ranked)
         if leader is None:
             self._route_leaders.pop(target.name, None)

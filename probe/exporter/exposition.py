@@ -2,11 +2,12 @@
 
 metrics.families() builds prometheus_client objects, one per sample: at 10,000 pairs hundreds
 of thousands of objects per scrape. This module writes the same samples as bytes directly from
-the store's flat per-pair arrays (store.PairState): per family one precompiled template for a
-pair's lines, ONE bytes `%` of the pair's values and at most ONE replace() that puts the pair's
-label text (built once per config and kept) into every line; the text of a pair's float values
-is kept until it records (PairState.memo). metrics.render() uses it; tests check that both paths
-expose exactly the same samples.
+the store's flat per-pair arrays (store.PairState), family by family: a pair's line is its label
+text (built once per config and kept) plus the text after it, so most lines cost one bytes
+concatenation, and a family's lines are joined by the text that opens the next (see LABELS).
+What changes only when a pair records (the text of its float values and run counters) is
+written once per result and kept in PairState.memo. metrics.render() uses it; tests check that
+both paths expose exactly the same samples.
 
 The series budget (DESIGN "Series budget", README "What it costs your Prometheus"): FAMILIES
 lists every per-pair family with the most lines it writes per pair, and `configured` says which
@@ -78,14 +79,14 @@ class _Row:
         self.histograms = target.histograms
 
 
-# The last config rendered, its rows, and per family of FAMILIES the indexes of the rows that can
-# have it (None: every row).
-_rows_of: list[tuple[Config, list[_Row], list[list[int] | None]]] = []
+# The last config rendered, its rows, their pairs, and per family of FAMILIES the indexes of the
+# rows that can have it (None: every row).
+_rows_of: list[tuple[Config, list[_Row], list[tuple[str, str]], list[list[int] | None]]] = []
 
 
-def _rows(config: Config) -> tuple[list[_Row], list[list[int] | None]]:
+def _rows(config: Config) -> tuple[list[_Row], list[tuple[str, str]], list[list[int] | None]]:
     if _rows_of and _rows_of[0][0] is config:
-        return _rows_of[0][1], _rows_of[0][2]
+        return _rows_of[0][1], _rows_of[0][2], _rows_of[0][3]
     vantage = label_value(config.vantage)
     rows = [
         _Row(f'vantage="{vantage}",target="{label_value(t.name)}",route="{label_value(route)}"'.encode(),
@@ -93,33 +94,45 @@ def _rows(config: Config) -> tuple[list[_Row], list[list[int] | None]]:
         for t in config.targets
         for route in t.routes
     ]
-    which = [None if (f := family.configured) is None else [i for i, r in enumerate(rows) if f(r)]
-             for family in FAMILIES]
-    _rows_of[:] = [(config, rows, which)]
-    return rows, which
+    which: list[list[int] | None] = []
+    for family in FAMILIES:
+        mine = None if (f := family.configured) is None else [i for i, r in enumerate(rows) if f(r)]
+        which.append(None if mine is not None and len(mine) == len(rows) else mine)  # None: every row
+    pairs = [r.pair for r in rows]
+    _rows_of[:] = [(config, rows, pairs, which)]
+    return rows, pairs, which
 
 
+# How a family's lines are written. A family's text is `name{` + ITEMS joined by `\nname{` + `\n`:
+# an item is a pair's lines without the `name{` that opens its first line and without the last
+# newline, so the common one-line item is one concatenation, `labels + b"} 1.0"` (5 times cheaper
+# than a `%` per line). Items of several lines hold the `\nname{` of their other lines themselves.
 LABELS = b"\x01"  # where a multi-line template takes the pair's labels: filled by bytes.replace(), after the values
 
 
-def _template(lines: Sequence[tuple[str, str, str]]) -> bytes:
-    """Return the template of lines `name{LABELS<extra>} <field>`, one per (name, extra, field).
+def _template(first: str, lines: Sequence[tuple[str, str, str]]) -> bytes:
+    """Return the item template of the lines `name{LABELS<extra>} <field>`, one per (name, extra, field).
 
-    `(template % values).replace(LABELS, labels)` writes a pair's lines: one % for the values,
-    then one replace for the labels, which is ~20% faster than interleaving the labels with
-    the values in one % (the labels hold no %, and the values never hold LABELS).
+    `(template % values).replace(LABELS, labels)` writes a pair's item: one % for the values,
+    then one replace for the labels. `first` is the name of the family's first line (the
+    template leaves out its `name{`).
     """
-    return "".join(f"{name}{{{LABELS.decode()}{extra}}} {field}\n" for name, extra, field in lines).encode()
+    text = "\n".join(f"{name}{{{LABELS.decode()}{extra}}} {field}" for name, extra, field in lines)
+    assert text.startswith(first + "{")
+    return text[len(first) + 1:].encode()
 
 
 _N_PHASES = len(PHASES)
 _PHASE_EXTRAS = [f',phase="{p.value}"' for p in PHASES]
-_HTTP_PHASES = _template([("probe_http_duration_seconds", extra, "%s") for extra in _PHASE_EXTRAS])
+_HTTP_PHASES = _template("probe_http_duration_seconds",
+                         [("probe_http_duration_seconds", extra, "%b") for extra in _PHASE_EXTRAS])
 # probe_outcome (one line: the last outcome) and probe_runs_total (a line per outcome that happened):
 # the text after a pair's labels, per outcome code.
-_OUTCOME_TAIL = tuple(f',outcome="{o.value}"}} 1.0\n'.encode() for o in OUTCOMES)
-_RUNS_TAIL = tuple(f',outcome="{o.value}"}} %d\n'.encode() for o in OUTCOMES)
+_OUTCOME_TAIL = tuple(f',outcome="{o.value}"}} 1.0'.encode() for o in OUTCOMES)
+_RUNS_TAIL = tuple(f',outcome="{o.value}"}} '.encode() for o in OUTCOMES)
+_RUNS_NEXT = b"\nprobe_runs_total{" + LABELS
 _CODE = {o: i for i, o in enumerate(OUTCOMES)}
+_ONE, _ZERO = b"} 1.0", b"} 0.0"
 
 
 def _histogram_template() -> bytes:
@@ -127,8 +140,8 @@ def _histogram_template() -> bytes:
     lines: list[tuple[str, str, str]] = []
     for extra in _PHASE_EXTRAS:
         lines += [("probe_phase_seconds_bucket", f'{extra},le="{le}"', "%d") for le in les]
-        lines += [("probe_phase_seconds_count", extra, "%d"), ("probe_phase_seconds_sum", extra, "%s")]
-    return _template(lines)
+        lines += [("probe_phase_seconds_count", extra, "%d"), ("probe_phase_seconds_sum", extra, "%b")]
+    return _template("probe_phase_seconds_bucket", lines)
 
 
 assert SLOTS == len(PHASE_BUCKETS) + 1
@@ -147,31 +160,50 @@ def _histogram_values(counts: Sequence[int], sums: Sequence[bytes]) -> tuple[int
     return tuple(out)
 
 
-# The float values of a pair, written once per result: repr() of a double costs ~0.6 us (shortest
-# round trip). Joined by | into PairState.memo until the pair records: the duration, the 5 phases
-# of the latest result, its end, the score; then, with histograms, the 5 phase sums.
-_TEXTS = b"|".join([b"%a"] * 8)
-_TEXTS_SUMS = b"|".join([b"%a"] * 13)
-_DURATION, _END, _SCORE, _SUMS = 0, 6, 7, 8
+# What of a pair's lines changes only when it records, written once per result (repr() of a double
+# costs ~0.6 us) and kept in PairState.memo until the pair records again: the texts of the duration,
+# the end, the score, the certificate expiry and the throughput (b"" for none), the 5 phases of the
+# latest result, with histograms the 5 phase sums, joined by |; last the run counters' item tail
+# (the text after the labels; LABELS where a second outcome's line takes them). Each family cuts
+# its own field out: the early ones with one split, the counters from the last |.
+_TEXTS = b"|".join([b"%a"] * 3 + [b"%b"] * 2 + [b"%a"] * _N_PHASES + [b"%b"])
+_TEXTS_SUMS = b"|".join([b"%a"] * 3 + [b"%b"] * 2 + [b"%a"] * (2 * _N_PHASES) + [b"%b"])
+_END, _SCORE, _EXPIRY, _THROUGHPUT, _PHASES, _SUMS = 1, 2, 3, 4, 5, 5 + _N_PHASES
+
+
+def _runs_tail(s: PairState) -> bytes:
+    runs = s.runs
+    return _RUNS_NEXT.join([_RUNS_TAIL[i] + b"%d" % runs[i] for i in s.seen])
 
 
 def _texts(s: PairState, score: float) -> bytes:
     r = s.latest
-    values: tuple[float, ...] = (r.duration_seconds, *s.phases, r.started_at + r.duration_seconds, score)
+    tls = r.tls
+    expiry = b"" if tls is None or (e := tls.earliest_cert_expiry) is None else b"%a" % _f(e)
+    rate = r.throughput_bytes_per_second
+    values: tuple[float, ...] = (r.duration_seconds, r.started_at + r.duration_seconds, score, *s.phases)
     template = _TEXTS
     if s.sums is not None:
         values += tuple(s.sums)
         template = _TEXTS_SUMS
-    return template % (values if math.isfinite(sum(values)) else tuple(map(_f, values)))
+    if not math.isfinite(sum(values)):
+        values = tuple(map(_f, values))  # type: ignore[arg-type]
+    return template % (*values[:3], expiry, b"" if rate is None else b"%a" % _f(rate), *values[3:],
+                       _runs_tail(s))
 
 
-Texts = Sequence[bytes]  # per pair of a batch its float values as text (see _texts), b"" for none
-Writer = Callable[[Sequence[_Row], Sequence[PairState | None], Texts, dict[tuple[str, str], Ranked]], list[bytes]]
+Texts = Sequence[bytes]  # per pair of a batch its texts (see _texts), b"" for none
+Ranks = Sequence[Ranked | None]  # per pair of a batch its place in its target's ranking
+Writer = Callable[[Sequence[_Row], Sequence[PairState | None], Texts, Ranks], list[bytes]]
 
 
 @dataclass(frozen=True, slots=True)
 class Family:
-    """One per-pair family: its header, the most lines it writes per pair, which pairs can have it, its writer."""
+    """One per-pair family: its header, the most lines it writes per pair, which pairs can have it, its writer.
+
+    The writer returns the family's items (see LABELS) for a batch of pairs; `first` names the
+    metric of an item's first line (the family's name but for a histogram).
+    """
 
     name: str
     type: str
@@ -179,90 +211,92 @@ class Family:
     lines: int
     write: Writer
     configured: Callable[[_Row], bool] | None = None  # which pairs can have it; None: every pair
+    first: str = ""
+
+    def opening(self) -> bytes:
+        """Return the text that opens the family's first line: `name{`."""
+        return f"{self.first or self.name}{{".encode()
 
 
-def _success(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranked: object) -> list[bytes]:
-    return [b"probe_success{%s} %s\n" % (r.labels, b"1.0" if s.latest.outcome is Outcome.OK else b"0.0")
+def _success(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
+    ok = Outcome.OK
+    return [r.labels + (_ONE if s.latest.outcome is ok else _ZERO)
             for r, s in zip(rows, states, strict=True) if s is not None]
 
 
-def _duration(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranked: object) -> list[bytes]:
-    return [b"probe_duration_seconds{%s} %s\n" % (r.labels, t.split(b"|", 1)[_DURATION])
-            for r, t in zip(rows, texts, strict=True) if t]
+def _duration(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
+    return [r.labels + b"} " + t[:t.index(b"|")] for r, t in zip(rows, texts, strict=True) if t]
 
 
 def _http_phases(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
-                 ranked: object) -> list[bytes]:
-    return [(_HTTP_PHASES % tuple(t.split(b"|", 6)[1:6])).replace(LABELS, r.labels)
-            for r, t in zip(rows, texts, strict=True) if t and r.http]
+                 ranks: Ranks) -> list[bytes]:
+    return [(_HTTP_PHASES % tuple(t.split(b"|", _PHASES + _N_PHASES)[_PHASES:_PHASES + _N_PHASES]))
+            .replace(LABELS, r.labels)
+            for r, t in zip(rows, texts, strict=True) if t]
 
 
-def _status(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranked: object) -> list[bytes]:
-    return [b"probe_http_status_code{%s} %d.0\n" % (r.labels, s.latest.http_status or 0)
-            for r, s in zip(rows, states, strict=True) if s is not None and r.http]
+_codes: dict[int, bytes] = {}
 
 
-def _expiry(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranked: object) -> list[bytes]:
+def _status(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
     out = []
     for r, s in zip(rows, states, strict=True):
-        tls = None if s is None else s.latest.tls
-        if tls is not None and tls.earliest_cert_expiry is not None:
-            out.append(b"probe_ssl_earliest_cert_expiry{%s} %a\n" % (r.labels, _f(tls.earliest_cert_expiry)))
+        if s is not None:
+            code = s.latest.http_status or 0
+            tail = _codes.get(code)
+            if tail is None:
+                tail = _codes[code] = b"} %d.0" % code
+            out.append(r.labels + tail)
     return out
+
+
+def _expiry(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
+    return [r.labels + b"} " + e for r, t in zip(rows, texts, strict=True)
+            if t and (e := t.split(b"|", _EXPIRY + 1)[_EXPIRY])]
 
 
 _versions: dict[str, bytes] = {}
 
 
 def _tls_version(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
-                 ranked: object) -> list[bytes]:
+                 ranks: Ranks) -> list[bytes]:
     out = []
     for r, s in zip(rows, states, strict=True):
         tls = None if s is None else s.latest.tls
         if tls is not None:
             v = _versions.get(tls.version)
             if v is None:
-                v = _versions[tls.version] = label_value(tls.version).encode()
-            out.append(b'probe_tls_version_info{%s,version="%s"} 1.0\n' % (r.labels, v))
+                v = _versions[tls.version] = b',version="%s"} 1.0' % label_value(tls.version).encode()
+            out.append(r.labels + v)
     return out
 
 
-def _outcome(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranked: object) -> list[bytes]:
-    return [b"probe_outcome{%s%s" % (r.labels, _OUTCOME_TAIL[_CODE[s.latest.outcome]])
-            for r, s in zip(rows, states, strict=True) if s is not None]
+def _outcome(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
+    return [r.labels + _OUTCOME_TAIL[_CODE[s.latest.outcome]] for r, s in zip(rows, states, strict=True)
+            if s is not None]
 
 
-def _blocked(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranked: object) -> list[bytes]:
-    return [b"probe_blocked{%s} %s\n" % (r.labels, b"1.0" if s.latest.outcome.blocked else b"0.0")
+def _blocked(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
+    return [r.labels + (_ONE if s.latest.outcome.blocked else _ZERO)
             for r, s in zip(rows, states, strict=True) if s is not None]
 
 
 def _throughput(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
-                ranked: object) -> list[bytes]:
+                ranks: Ranks) -> list[bytes]:
+    return [r.labels + b"} " + rate for r, t in zip(rows, texts, strict=True)
+            if t and (rate := t.split(b"|", _THROUGHPUT + 1)[_THROUGHPUT])]
+
+
+def _runs(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
     out = []
-    for r, s in zip(rows, states, strict=True):
-        if s is not None and r.download and (rate := s.latest.throughput_bytes_per_second) is not None:
-            out.append(b"probe_throughput_bytes_per_second{%s} %a\n" % (r.labels, _f(rate)))
-    return out
-
-
-_runs_templates: dict[bytes, bytes] = {}  # per set of outcomes that happened (PairState.seen), its lines
-
-
-def _runs(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranked: object) -> list[bytes]:
-    out = []
-    for r, s in zip(rows, states, strict=True):
+    for r, s, t in zip(rows, states, texts, strict=True):
         if s is not None:
-            template = _runs_templates.get(s.seen)
-            if template is None:
-                template = _runs_templates[s.seen] = b"".join(b"probe_runs_total{" + LABELS + _RUNS_TAIL[i]
-                                                             for i in s.seen)
-            runs = s.runs
-            out.append((template % tuple([runs[i] for i in s.seen])).replace(LABELS, r.labels))
+            tail = t[t.rindex(b"|") + 1:]
+            out.append(r.labels + tail if len(s.seen) == 1 else (LABELS + tail).replace(LABELS, r.labels))
     return out
 
 
-def _phases(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranked: object) -> list[bytes]:
+def _phases(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
     out = []
     for r, s, t in zip(rows, states, texts, strict=True):
         if not r.histograms:
@@ -270,29 +304,37 @@ def _phases(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Tex
         if s is None or s.counts is None:
             out.append(_NO_HISTOGRAM.replace(LABELS, r.labels))
         else:
-            out.append((_HISTOGRAM % _histogram_values(s.counts, t.split(b"|")[_SUMS:])).replace(LABELS, r.labels))
+            sums = t.split(b"|", _SUMS + _N_PHASES)[_SUMS:_SUMS + _N_PHASES]
+            out.append((_HISTOGRAM % _histogram_values(s.counts, sums)).replace(LABELS, r.labels))
     return out
 
 
-def _rank(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
-          ranked: dict[tuple[str, str], Ranked]) -> list[bytes]:
-    return [b"probe_route_rank{%s} %d.0\n" % (r.labels, x.rank) for r in rows if (x := ranked.get(r.pair)) is not None]
+_ranks: dict[int, bytes] = {}
 
 
-def _score(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
-           ranked: dict[tuple[str, str], Ranked]) -> list[bytes]:
-    return [b"probe_route_score{%s} %s\n" % (r.labels, t.split(b"|", 8)[_SCORE] if t else b"%a" % _f(x.score))
-            for r, t in zip(rows, texts, strict=True) if (x := ranked.get(r.pair)) is not None]
+def _rank(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
+    out = []
+    for r, x in zip(rows, ranks, strict=True):
+        if x is not None:
+            tail = _ranks.get(x.rank)
+            if tail is None:
+                tail = _ranks[x.rank] = b"} %d.0" % x.rank
+            out.append(r.labels + tail)
+    return out
 
 
-def _last_run(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranked: object) -> list[bytes]:
-    return [b"probe_last_run_timestamp_seconds{%s} %s\n" % (r.labels, t.split(b"|", 7)[_END])
-            for r, t in zip(rows, texts, strict=True) if t]
+def _score(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
+    return [r.labels + b"} " + (t.split(b"|", _SCORE + 1)[_SCORE] if t else b"%a" % _f(x.score))
+            for r, t, x in zip(rows, texts, ranks, strict=True) if x is not None]
+
+
+def _last_run(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
+    return [r.labels + b"} " + t.split(b"|", _END + 1)[_END] for r, t in zip(rows, texts, strict=True) if t]
 
 
 def _sni_filtered(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
-                  ranked: object) -> list[bytes]:
-    return [b"probe_sni_filtered{%s} %s\n" % (r.labels, b"1.0" if s.latest.sni_filtered else b"0.0")
+                  ranks: Ranks) -> list[bytes]:
+    return [r.labels + (_ONE if s.latest.sni_filtered else _ZERO)
             for r, s in zip(rows, states, strict=True) if s is not None and s.latest.sni_filtered is not None]
 
 
@@ -317,7 +359,7 @@ FAMILIES: tuple[Family, ...] = (
            _runs),
     Family("probe_phase_seconds", "histogram",
            "Duration of each completed probe phase (targets with histograms: true).", _HISTOGRAM_LINES, _phases,
-           lambda row: row.histograms),
+           lambda row: row.histograms, "probe_phase_seconds_bucket"),
     Family("probe_route_rank", "gauge", "Rank of the route for the target; 1 is the one to use.", 1, _rank),
     Family("probe_route_score", "gauge",
            "Route score from the last 20 runs: p90 x (1 + 4 x failure share) + s/MiB + tier offset; lower is better.",
@@ -337,38 +379,43 @@ def render_pairs(store: ResultStore, config: Config) -> Iterator[bytes]:
     pair's float values after it recorded: ~90 ms at 10,000 pairs on a busy machine): the server
     lets the loop run there, as it does after every chunk.
     """
-    rows, which = _rows(config)
-    states = [store.state(*r.pair) for r in rows]
-    yield b""
-    ranked = {(x.target, x.route): x for ranking in store.ranking(config).values() for x in ranking}
+    rows, pairs, which = _rows(config)
+    states = store.states(pairs)
+    ranks = store.ranks(pairs, config)
     yield b""
     keep = config is store.config  # the scores in a memo are those of the store's config
     texts: list[bytes] = []
-    for i, (r, s) in enumerate(zip(rows, states, strict=True)):
+    written = 0
+    for s, x in zip(states, ranks, strict=True):
         if s is None:
             texts.append(b"")
             continue
         memo = s.memo if keep else None
         if memo is None:
-            memo = _texts(s, ranked[r.pair].score)
+            assert x is not None  # a pair with a result is ranked
+            memo = _texts(s, x.score)
             if keep:
                 s.memo = memo
+            written += 1
+            if written % _PAUSE_PAIRS == 0:
+                yield b""
         texts.append(memo)
-        if i % _PAUSE_PAIRS == _PAUSE_PAIRS - 1:
-            yield b""
     for family, mine in zip(FAMILIES, which, strict=True):
         if mine is None:
-            f_rows, f_states, f_texts = rows, states, texts
+            f_rows, f_states, f_texts, f_ranks = rows, states, texts, ranks
         else:
-            f_rows, f_states, f_texts = [rows[i] for i in mine], [states[i] for i in mine], [texts[i] for i in mine]
+            f_rows = [rows[i] for i in mine]
+            f_states, f_texts, f_ranks = [states[i] for i in mine], [texts[i] for i in mine], [ranks[i] for i in mine]
         escaped = family.help.replace("\\", "\\\\").replace("\n", "\\n")
         header: bytes | None = f"# HELP {family.name} {escaped}\n# TYPE {family.name} {family.type}\n".encode()
+        opening = family.opening()
+        between = b"\n" + opening
         step = max(1, CHUNK_LINES // family.lines)
         for i in range(0, len(f_rows), step):
-            parts = family.write(f_rows[i:i + step], f_states[i:i + step], f_texts[i:i + step], ranked)
-            if not parts:
+            items = family.write(f_rows[i:i + step], f_states[i:i + step], f_texts[i:i + step], f_ranks[i:i + step])
+            if not items:
                 continue
-            if header is not None:
-                parts.insert(0, header)
-                header = None
-            yield b"".join(parts)
+            items[0] = opening + items[0] if header is None else header + opening + items[0]
+            items[-1] += b"\n"
+            header = None
+            yield between.join(items)
