@@ -188,10 +188,11 @@ class PathStats:
 class PathHistory:
     """One pair's path sampling: the latest run, totals since configured, and the ranking's window."""
 
-    __slots__ = ("latest", "lost_total", "sent_total", "_window")
+    __slots__ = ("latest", "lost_total", "memo", "sent_total", "_window")
 
     def __init__(self) -> None:
         self.latest: PathResult | None = None
+        self.memo: tuple[bytes, bytes] | None = None  # the exporter's text of the latest run; None: changed
         self.sent_total = 0
         self.lost_total = 0
         self._window: deque[tuple[int, int, float | None]] = deque(maxlen=PATH_WINDOW)  # (sent, lost, p90)
@@ -199,6 +200,7 @@ class PathHistory:
     def append(self, result: PathResult) -> None:
         """Count a run in and keep it as the latest."""
         self.latest = result
+        self.memo = None
         self.sent_total += result.sent
         self.lost_total += result.lost
         if result.sent:  # a run that sent nothing (a local fault) says nothing about the path

@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from probe import ranking as ranking_module
 from probe.config import Config, loads
-from probe.exporter import exposition, metrics
-from probe.models import DnsResult, Outcome, Phase, ProbeResult, TlsInfo
+from probe.exporter import exposition, exposition_extra, metrics
+from probe.models import DnsResult, Localisation, Outcome, PathMethod, PathResult, Phase, ProbeResult, TlsInfo
 from probe.ranking import Candidate
 from probe.store import PHASE_BUCKETS, Histogram, ResultStore
 
@@ -104,6 +104,10 @@ def test_direct_exposition_has_the_same_samples_as_prometheus_client() -> None:
 
 MANY = r"""
 vantage: 'm"a\ny'
+resolvers:
+  - {name: system, type: system}
+  - {name: quad, type: udp, address: 192.0.2.53}
+  - {name: third, type: tcp, address: 192.0.2.54}
 routes:
   - {name: direct}
   - {name: bound, source_address: 127.0.0.2}
@@ -116,9 +120,13 @@ def _many(n: int, histograms: Callable[[int], bool] = lambda i: i % 5 < 2) -> st
     for i in range(n):
         kind = ("url: https://198.51.100.1/\n    download: {url: https://198.51.100.1/x, min_bytes_per_second: 10}"
                 if i % 3 == 0 else "url: http://198.51.100.2/" if i % 3 == 1 else "address: 198.51.100.3:22")
+        if i % 7 == 3:
+            kind = f"url: https://h{i}.example/"  # a host name: DNS series per resolver
         text += f"  - name: t{i}\n    {kind}\n    routes: [direct, bound]\n"
-        text += "    group: g1\n" if i % 4 == 0 else ""
+        text += "    group: g1\n" if i % 4 == 0 else "    group: g2\n" if i % 4 == 1 else ""
         text += "    histograms: true\n" if histograms(i) else ""
+        text += "    path: {samples: 5, spread: 1s}\n" if i % 3 == 2 else ""
+        text += "    locate: true\n" if i % 5 == 4 and i % 3 != 2 else ""
     return text
 
 
@@ -142,6 +150,18 @@ def _random_store(rng: random.Random, n: int = 24, rounds: int = 25) -> tuple[Re
                     throughput_bytes_per_second=rng.choice([None, rng.random() * 1e6, *specials]),
                     tls=rng.choice([None, TLS, TlsInfo('TLS "odd"\\', rng.choice([None, math.inf, 1.9e9]))]),
                     sni_filtered=rng.choice([None, True, False])))
+                if t.path is not None and rng.random() < 0.8:
+                    rtts = tuple(rng.choice([rng.random() / 10, 0.0, *(specials if odd else ())])
+                                 for _ in range(rng.choice([0, 1, 2, 5])))
+                    store.record_path(PathResult(t.name, route, PathMethod.TCP, 1.8e9, len(rtts) + 1, 1, rtts))
+                if t.locate and rng.random() < 0.3:
+                    store.record_locate(t.name, route, Localisation(hop=rng.choice([None, 3, 17])))
+            if t.needs_dns and rng.random() < 0.9:  # some resolvers missing, in any order
+                resolvers = rng.sample(t.resolvers, rng.randint(0, len(t.resolvers)))
+                store.record_dns(t.name, tuple(
+                    DnsResult(r, rng.choice(list(Outcome)), ("198.51.100.1",), rng.choice([0, 1, 2]),
+                              rng.choice([None, True, False]), rng.choice([None, 0.003, rng.random(), *specials]))
+                    for r in resolvers))
     return store, cfg
 
 
@@ -149,6 +169,8 @@ def _random_store(rng: random.Random, n: int = 24, rounds: int = 25) -> tuple[Re
 def test_direct_exposition_matches_prometheus_client_on_random_stores(seed: int) -> None:
     store, cfg = _random_store(random.Random(seed))
     _assert_same_as_prometheus_client(store, cfg)
+    written = _types(metrics.render(store, cfg))  # the stores have every family exposition_extra writes
+    assert {name.removesuffix("_total") for name in exposition_extra.HELP} <= set(written)
 
 
 def test_chunking_does_not_change_the_text(monkeypatch: pytest.MonkeyPatch) -> None:

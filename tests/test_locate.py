@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from probe.config import Config, loads
 from probe.context import ProbeContext
@@ -271,8 +272,9 @@ async def test_probe_run_localises_in_the_background_and_pauses_the_pair_meanwhi
     finally:
         await scheduler.shutdown()
     assert probes >= 1
-    exposition = render(store, cfg).decode()
-    assert 'probe_censor_hop{route="direct",target="t",vantage="v"} 7.0' in exposition
+    hops = [(s.labels, s.value) for f in text_string_to_metric_families(render(store, cfg).decode())
+            for s in f.samples if s.name == "probe_censor_hop"]
+    assert hops == [({"vantage": "v", "target": "t", "route": "direct"}, 7.0)]
     latest = store.results()[0]
     assert latest.locate is not None and latest.to_json()["locate"] == {
         "hop": 7, "hops": ["192.0.2.2", None], "injector": None, "evidence": ["reset at TTL 7, none at TTL 6"],

@@ -18,7 +18,7 @@ A new per-pair family is one more Family here (and its reference in metrics.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from probe.config import Config, Target
@@ -61,7 +61,7 @@ class _Special:
 _SPECIAL = {"+Inf": _Special("+Inf"), "-Inf": _Special("-Inf"), "NaN": _Special("NaN")}
 
 
-def _f(v: float) -> float | _Special:
+def as_field(v: float) -> float | _Special:
     """Return `v` for a `%a` field: floats write as repr(), as value() does; non-finite ones as value() spells them."""
     return v if v - v == 0.0 else _SPECIAL[value(v)]
 
@@ -69,7 +69,7 @@ def _f(v: float) -> float | _Special:
 class _Row:
     """One configured pair as /metrics writes it: its label text and what its target has, made once per config."""
 
-    __slots__ = ("download", "histograms", "http", "labels", "pair")
+    __slots__ = ("download", "histograms", "http", "labels", "locate", "pair", "path")
 
     def __init__(self, labels: bytes, pair: tuple[str, str], target: Target) -> None:
         self.labels = labels
@@ -77,11 +77,18 @@ class _Row:
         self.http = target.http is not None  # HTTP/1.1 and HTTP/3
         self.download = target.http is not None and target.http.download is not None
         self.histograms = target.histograms
+        self.path = target.path is not None
+        self.locate = target.locate
 
 
 # The last config rendered, its rows, their pairs, and per family of FAMILIES the indexes of the
 # rows that can have it (None: every row).
 _rows_of: list[tuple[Config, list[_Row], list[tuple[str, str]], list[list[int] | None]]] = []
+
+
+def rows(config: Config) -> list[_Row]:
+    """Return the pairs of `config` as /metrics writes them (kept until the next config)."""
+    return _rows(config)[0]
 
 
 def _rows(config: Config) -> tuple[list[_Row], list[tuple[str, str]], list[list[int] | None]]:
@@ -128,11 +135,11 @@ _HTTP_PHASES = _template("probe_http_duration_seconds",
                          [("probe_http_duration_seconds", extra, "%b") for extra in _PHASE_EXTRAS])
 # probe_outcome (one line: the last outcome) and probe_runs_total (a line per outcome that happened):
 # the text after a pair's labels, per outcome code.
-_OUTCOME_TAIL = tuple(f',outcome="{o.value}"}} 1.0'.encode() for o in OUTCOMES)
+OUTCOME_TAIL = tuple(f',outcome="{o.value}"}} 1.0'.encode() for o in OUTCOMES)
 _RUNS_TAIL = tuple(f',outcome="{o.value}"}} '.encode() for o in OUTCOMES)
 _RUNS_NEXT = b"\nprobe_runs_total{" + LABELS
-_CODE = {o: i for i, o in enumerate(OUTCOMES)}
-_ONE, _ZERO = b"} 1.0", b"} 0.0"
+OUTCOME_CODE = {o: i for i, o in enumerate(OUTCOMES)}
+ONE, ZERO = b"} 1.0", b"} 0.0"
 
 
 def _histogram_template() -> bytes:
@@ -179,7 +186,7 @@ def _runs_tail(s: PairState) -> bytes:
 def _texts(s: PairState, score: float) -> bytes:
     r = s.latest
     tls = r.tls
-    expiry = b"" if tls is None or (e := tls.earliest_cert_expiry) is None else b"%a" % _f(e)
+    expiry = b"" if tls is None or (e := tls.earliest_cert_expiry) is None else b"%a" % as_field(e)
     rate = r.throughput_bytes_per_second
     values: tuple[float, ...] = (r.duration_seconds, r.started_at + r.duration_seconds, score, *s.phases)
     template = _TEXTS
@@ -187,8 +194,8 @@ def _texts(s: PairState, score: float) -> bytes:
         values += tuple(s.sums)
         template = _TEXTS_SUMS
     if not math.isfinite(sum(values)):
-        values = tuple(map(_f, values))  # type: ignore[arg-type]
-    return template % (*values[:3], expiry, b"" if rate is None else b"%a" % _f(rate), *values[3:],
+        values = tuple(map(as_field, values))  # type: ignore[arg-type]
+    return template % (*values[:3], expiry, b"" if rate is None else b"%a" % as_field(rate), *values[3:],
                        _runs_tail(s))
 
 
@@ -220,7 +227,7 @@ class Family:
 
 def _success(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
     ok = Outcome.OK
-    return [r.labels + (_ONE if s.latest.outcome is ok else _ZERO)
+    return [r.labels + (ONE if s.latest.outcome is ok else ZERO)
             for r, s in zip(rows, states, strict=True) if s is not None]
 
 
@@ -272,12 +279,12 @@ def _tls_version(rows: Sequence[_Row], states: Sequence[PairState | None], texts
 
 
 def _outcome(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
-    return [r.labels + _OUTCOME_TAIL[_CODE[s.latest.outcome]] for r, s in zip(rows, states, strict=True)
+    return [r.labels + OUTCOME_TAIL[OUTCOME_CODE[s.latest.outcome]] for r, s in zip(rows, states, strict=True)
             if s is not None]
 
 
 def _blocked(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
-    return [r.labels + (_ONE if s.latest.outcome.blocked else _ZERO)
+    return [r.labels + (ONE if s.latest.outcome.blocked else ZERO)
             for r, s in zip(rows, states, strict=True) if s is not None]
 
 
@@ -324,7 +331,7 @@ def _rank(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts
 
 
 def _score(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
-    return [r.labels + b"} " + (t.split(b"|", _SCORE + 1)[_SCORE] if t else b"%a" % _f(x.score))
+    return [r.labels + b"} " + (t.split(b"|", _SCORE + 1)[_SCORE] if t else b"%a" % as_field(x.score))
             for r, t, x in zip(rows, texts, ranks, strict=True) if x is not None]
 
 
@@ -334,7 +341,7 @@ def _last_run(rows: Sequence[_Row], states: Sequence[PairState | None], texts: T
 
 def _sni_filtered(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts,
                   ranks: Ranks) -> list[bytes]:
-    return [r.labels + (_ONE if s.latest.sni_filtered else _ZERO)
+    return [r.labels + (ONE if s.latest.sni_filtered else ZERO)
             for r, s in zip(rows, states, strict=True) if s is not None and s.latest.sni_filtered is not None]
 
 
@@ -406,16 +413,29 @@ def render_pairs(store: ResultStore, config: Config) -> Iterator[bytes]:
         else:
             f_rows = [rows[i] for i in mine]
             f_states, f_texts, f_ranks = [states[i] for i in mine], [texts[i] for i in mine], [ranks[i] for i in mine]
-        escaped = family.help.replace("\\", "\\\\").replace("\n", "\\n")
-        header: bytes | None = f"# HELP {family.name} {escaped}\n# TYPE {family.name} {family.type}\n".encode()
-        opening = family.opening()
-        between = b"\n" + opening
         step = max(1, CHUNK_LINES // family.lines)
-        for i in range(0, len(f_rows), step):
-            items = family.write(f_rows[i:i + step], f_states[i:i + step], f_texts[i:i + step], f_ranks[i:i + step])
-            if not items:
-                continue
-            items[0] = opening + items[0] if header is None else header + opening + items[0]
-            items[-1] += b"\n"
-            header = None
-            yield between.join(items)
+        yield from chunks(family.name, family.type, family.help, family.opening(), (
+            family.write(f_rows[i:i + step], f_states[i:i + step], f_texts[i:i + step], f_ranks[i:i + step])
+            for i in range(0, len(f_rows), step)))
+
+
+def header(name: str, type_: str, help_: str) -> bytes:
+    """Return the # HELP and # TYPE lines of a family."""
+    escaped = help_.replace("\\", "\\\\").replace("\n", "\\n")
+    return f"# HELP {name} {escaped}\n# TYPE {name} {type_}\n".encode()
+
+
+def chunks(name: str, type_: str, help_: str, opening: bytes, batches: Iterable[list[bytes]]) -> Iterator[bytes]:
+    """Yield a family's text, a chunk per batch of items (see LABELS); nothing, not even its header, without items.
+
+    `opening` opens an item's first line (`name{`); a batch holds at most about CHUNK_LINES lines.
+    """
+    first: bytes | None = header(name, type_, help_)
+    between = b"\n" + opening
+    for items in batches:
+        if not items:
+            continue
+        items[0] = opening + items[0] if first is None else first + opening + items[0]
+        items[-1] += b"\n"
+        first = None
+        yield between.join(items)

@@ -25,12 +25,13 @@ from prometheus_client.core import (
 
 from probe import loop
 from probe.config import Config, Target
+from probe.exporter import exposition_extra
 from probe.exporter.exposition import FAMILIES, render_pairs
 from probe.models import PATH_STATS, Phase
 from probe.store import LAG_BUCKETS, PHASE_BUCKETS, Histogram, ResultStore
 
 PAIR_LABELS = ("vantage", "target", "route")
-HELP = {f.name: f.help for f in FAMILIES}
+HELP = {f.name: f.help for f in FAMILIES} | exposition_extra.HELP
 DNS_LABELS = ("vantage", "target", "resolver")
 
 
@@ -65,12 +66,14 @@ def render_chunks(store: ResultStore, config: Config) -> Iterator[bytes]:
     """Yield the text exposition in pieces: the per-pair families written directly, then the rest.
 
     The per-pair families are the bulk (16-20 samples per pair by default); exposition.py writes them
-    as text without building a prometheus_client object per sample. The rest goes through
-    prometheus_client. Same samples as generate_latest(build_registry(...)); tests hold both.
+    as text without building a prometheus_client object per sample, and exposition_extra.py the
+    DNS, path, localisation and group families the same way. The rest (a few process-wide
+    series) goes through prometheus_client. Same samples as generate_latest(build_registry(...)); tests hold both.
     """
     yield from render_pairs(store, config)
+    yield from exposition_extra.render(store, config)
     registry = CollectorRegistry()
-    registry.register(_Fixed(_other_families(store, config, config.targets, None)))
+    registry.register(_Fixed(_prober_families(store, config.vantage) + [_local_hour_family(config)]))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
@@ -185,19 +188,10 @@ def _pair_families(store: ResultStore, config: Config, targets: list[Target]) ->
 
 
 def _dns_families(store: ResultStore, vantage: str, targets: Sequence[Target]) -> list[Metric]:
-    lookup = _gauge(
-        "probe_dns_lookup_time_seconds", "How long the resolver took to answer.", labels=DNS_LABELS
-    )
-    consistent = _gauge(
-        "probe_dns_consistent", "1 when the resolver's answers agree with the controls.", labels=DNS_LABELS
-    )
-    replies = _gauge("probe_dns_replies", "DNS replies received for the last query.", labels=DNS_LABELS)
-    outcome = _gauge(
-        "probe_dns_outcome",
-        "The outcome of the resolver's last check, value 1; the series of an earlier outcome goes stale.",
-        ("outcome",),
-        labels=DNS_LABELS,
-    )
+    lookup = _gauge("probe_dns_lookup_time_seconds", HELP["probe_dns_lookup_time_seconds"], labels=DNS_LABELS)
+    consistent = _gauge("probe_dns_consistent", HELP["probe_dns_consistent"], labels=DNS_LABELS)
+    replies = _gauge("probe_dns_replies", HELP["probe_dns_replies"], labels=DNS_LABELS)
+    outcome = _gauge("probe_dns_outcome", HELP["probe_dns_outcome"], ("outcome",), labels=DNS_LABELS)
     for target in targets:
         if not target.needs_dns:
             continue
@@ -213,20 +207,15 @@ def _dns_families(store: ResultStore, vantage: str, targets: Sequence[Target]) -
                 lookup.add_metric(labels, result.duration_seconds)
             if result.consistent is not None:
                 consistent.add_metric(labels, float(result.consistent))
-    return [lookup, consistent, replies, outcome]
+    return [m for m in (lookup, consistent, replies, outcome) if m.samples]
 
 
 def _path_families(store: ResultStore, vantage: str, targets: Sequence[Target]) -> list[Metric]:
     """Path sampling series, only for pairs whose target has `path` (README "Path quality")."""
-    sent = CounterMetricFamily("probe_path_sent_total", "Path samples sent.", labels=list(PAIR_LABELS))
-    lost = CounterMetricFamily(
-        "probe_path_lost_total", "Path samples unanswered within their deadline.", labels=list(PAIR_LABELS)
-    )
-    rtt = _gauge("probe_path_rtt_seconds", "Round-trip time of the last path sampling run's answered samples.",
-                 ("stat",))
-    jitter = _gauge(
-        "probe_path_jitter_seconds", "Mean absolute difference of consecutive RTTs of the last path sampling run."
-    )
+    sent = CounterMetricFamily("probe_path_sent_total", HELP["probe_path_sent_total"], labels=list(PAIR_LABELS))
+    lost = CounterMetricFamily("probe_path_lost_total", HELP["probe_path_lost_total"], labels=list(PAIR_LABELS))
+    rtt = _gauge("probe_path_rtt_seconds", HELP["probe_path_rtt_seconds"], ("stat",))
+    jitter = _gauge("probe_path_jitter_seconds", HELP["probe_path_jitter_seconds"])
     for target in targets:
         if target.path is None:
             continue
@@ -243,14 +232,11 @@ def _path_families(store: ResultStore, vantage: str, targets: Sequence[Target]) 
                     rtt.add_metric([*labels, stat], value)
             if (j := latest.jitter) is not None:
                 jitter.add_metric(labels, j)
-    return [sent, lost, rtt, jitter]
+    return [m for m in (sent, lost, rtt, jitter) if m.samples]
 
 
 def _locate_families(store: ResultStore, vantage: str, targets: Sequence[Target]) -> list[Metric]:
-    hop = _gauge(
-        "probe_censor_hop",
-        "Hop count from the vantage at which the last localisation found the interference (only where it did).",
-    )
+    hop = _gauge("probe_censor_hop", HELP["probe_censor_hop"])
     for target in targets:
         if not target.locate:
             continue
@@ -258,19 +244,15 @@ def _locate_families(store: ResultStore, vantage: str, targets: Sequence[Target]
             found = store.localisation(target.name, route)
             if found is not None and found.hop is not None:
                 hop.add_metric([vantage, target.name, route], found.hop)
-    return [hop]
+    return [hop] if hop.samples else []
 
 
 def _group_families(store: ResultStore, config: Config) -> list[Metric]:
-    rank = _gauge(
-        "probe_group_rank",
-        "Rank of the (target, route) within the target's endpoint group; 1 is the one to use.",
-        ("group",),
-    )
+    rank = _gauge("probe_group_rank", HELP["probe_group_rank"], ("group",))
     for group, ranked in store.group_ranking(config).items():
         for r in ranked:
             rank.add_metric([config.vantage, r.target, r.route, group], r.rank)
-    return [rank]
+    return [rank] if rank.samples else []
 
 
 def _prober_families(store: ResultStore, vantage: str) -> list[Metric]:
