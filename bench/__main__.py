@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import accuracy, floor, lab, scenarios
+from bench import accuracy, floor, lab, render, scenarios
 from bench.procstat import load_average
 
 TARGETS = {
@@ -66,7 +66,7 @@ def run(plan: Plan, workdir: Path, skip_accuracy: bool, only: tuple[str, ...] = 
     pki = lab.make_pki(workdir, "127.0.0.1", accuracy.SERVER_IP)
     targets, ports = lab.start_targets(workdir, pki)
     env = scenarios.Env(workdir, pki, targets, ports)
-    out["cpu"] = out["rate"] = out["scale"] = out["http3"] = None
+    out["cpu"] = out["rate"] = out["scale"] = out["http3"] = out["render"] = None
     try:
         cpu: dict[str, dict[str, Any]] = {}
         for kind in ("https", "tcp") if "cpu" in only else ():
@@ -90,6 +90,7 @@ def run(plan: Plan, workdir: Path, skip_accuracy: bool, only: tuple[str, ...] = 
                 scenarios.scale(env, pairs, rounds, min_interval=plan.scale_min_interval)
                 for pairs, rounds in zip(plan.pairs, plan.scale_rounds, strict=True)
             ]
+            out["render"] = render.measure(plan.pairs[-1], Path(pki.ca_file))
     finally:
         targets.stop()
     if skip_accuracy or "accuracy" not in only:
@@ -161,6 +162,12 @@ def table(r: dict[str, Any]) -> str:
                 add(f"  scheduler lag p99 during those scrapes ({s['pairs']:,} pairs)", f"{lag['p99'] * 1000:.0f} ms",
                     "", f"< {TARGETS['metrics_lag_p99_ms']} ms" if big and gz else "",
                     lag["p99"] * 1000 < TARGETS["metrics_lag_p99_ms"] if big and gz else None)
+    if r.get("render"):
+        rd = r["render"]
+        for shape, label in (("address", "HTTPS by address"), ("host_name", "HTTPS by host name, 2 resolvers")):
+            f = rd[shape]
+            add(f"/metrics render CPU in-process, {rd['pairs']:,} pairs, {label}: warm (after {rd['dirty_share']:.0%} "
+                "recorded)", f"{f['render_cpu_ms_warm']:.0f} ms ({f['render_cpu_ms_dirty']:.0f} ms)", "", "", None)
     a = r["accuracy"]
     if a:
         add(f"lab: plain connect() - {a['delay_ms']:.0f} ms delay", f"{a['reference']['error_ms_median']:.2f} ms",

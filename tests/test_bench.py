@@ -62,6 +62,16 @@ def test_the_floor_client_ran_the_same_https_requests(figures: dict[str, object]
     assert 0 < floor["cpu_ms_per_probe"] < 1000
 
 
+def test_the_render_figures_price_the_dns_series(figures: dict[str, object]) -> None:
+    r = figures["render"]
+    assert isinstance(r, dict)
+    address, names = r["address"], r["host_name"]
+    # Host names add four DNS series per resolver (two) and target to the 16 of each pair.
+    assert names["lines"] - address["lines"] >= 8 * r["pairs"], (names, address)
+    for f in (address, names):
+        assert 0 < f["render_cpu_ms_warm"] < 60_000 and 0 < f["render_cpu_ms_dirty"] < 60_000, f
+
+
 def test_the_rate_steps_report_the_lag_measured_by_the_scheduler(figures: dict[str, object]) -> None:
     steps = figures["rate"]["steps"]  # type: ignore[index]
     assert steps and all(s["lag"]["starts"] > 0 for s in steps)
