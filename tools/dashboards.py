@@ -152,6 +152,31 @@ def overview() -> db.Dashboard:
         .mappings([dm.ValueMap(options={"0": dm.ValueMappingResult(text="not localised", index=0)})])
         .height(8).span(24)
     )
+    board = board.with_panel(
+        table.Panel().title("Name filter or address block (control handshake)").datasource(DS)
+        .description(
+            "For targets with `control_sni`: when the last handshake failed at the TLS stage, the monitor sent one "
+            "with a name nobody filters to the same address and port (probe_sni_filtered). 'name filter (SNI)': "
+            "that one answered, so the censor matches the name: another IP of the same name will not help, a "
+            "route abroad will. 'address blocked': neither answered: the address is blocked for any name (or the "
+            "server is down): a mirror on another address may work. 'not tested': the last run did not need the "
+            "control (it passed, or failed before TLS), or residual blocking made it inconclusive. README: Control "
+            "handshakes."
+        )
+        .with_target(q(
+            f"max by (vantage, target, route) (probe_sni_filtered{{{PAIR}}}) "
+            f"or max by (vantage, target, route) (probe_success{{{PAIR}}}) * 0 - 1",
+            instant=True, table_format=True,
+        ))
+        .with_transformation(transform("organize", excludeByName={"Time": True}, renameByName={"Value": "verdict"},
+                                       indexByName={"vantage": 0, "target": 1, "route": 2, "Value": 3}))
+        .mappings([dm.ValueMap(options={
+            "1": dm.ValueMappingResult(text="name filter (SNI)", color=RED, index=0),
+            "0": dm.ValueMappingResult(text="address blocked", color=ORANGE, index=1),
+            "-1": dm.ValueMappingResult(text="not tested", index=2),
+        })])
+        .height(8).span(24)
+    )
     return board
 
 
