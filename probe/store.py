@@ -163,7 +163,6 @@ class ResultStore:
         self._clock = clock
         self._state: dict[Pair, PairState] = {}  # pairs with a result since configured
         self._ranked: dict[str, list[Ranked]] = {}  # target -> its ranking, as of its last record
-        self._rank_of: dict[Pair, Ranked] = {}  # the same per (target, route), for /metrics
         self._group_ranked: dict[str, list[Ranked]] = {}  # group -> its ranking, as of its last record
         self._route_leaders: dict[str, str] = {}  # target -> the route holding rank 1
         self._group_leaders: dict[str, Pair] = {}  # group -> the (target, route) holding rank 1
@@ -244,7 +243,6 @@ class ResultStore:
             state.memo = None  # a timeout may have changed, and with it the score
             state.keep_histograms(config.target(target).histograms)
         self._ranked.clear()  # timeouts, routes and groups may have changed
-        self._rank_of.clear()
         self._group_ranked.clear()
         self._route_leaders = {t: r for t, r in self._route_leaders.items() if (t, r) in self._pairs}
         groups = {t.group for t in config.targets if t.group is not None}
@@ -287,15 +285,21 @@ class ResultStore:
         get = self._state.get
         return [get(pair) for pair in pairs]
 
-    def ranks(self, pairs: Sequence[Pair], config: Config | None = None) -> list[Ranked | None]:
-        """Return each pair's place in its target's ranking (see ranking()), in their order; None if not ranked."""
-        if config is not None and config is not self.config:
-            by_pair = {(x.target, x.route): x for ranked in self.ranking(config).values() for x in ranked}
-            return [by_pair.get(pair) for pair in pairs]
-        if len(self._rank_of) < len(self._pairs):
-            self.ranking()  # ranks the targets that did not record since the config came
-        get = self._rank_of.get
-        return [get(pair) for pair in pairs]
+    def ranks(self, config: Config | None = None) -> list[Ranked]:
+        """Return each pair's place in its target's ranking (see ranking()), pairs in config order (target, route)."""
+        config = config or self.config
+        other = None if config is self.config else self.ranking(config)
+        out: list[Ranked] = []
+        for t in config.targets:
+            ranked = other[t.name] if other is not None else self._ranked.get(t.name)
+            if ranked is None:
+                ranked = self._ranked[t.name] = ranking.rank(self._candidates([t]), self._route_leader(t.name))
+            if len(ranked) == 1:
+                out.append(ranked[0])
+            else:
+                by_route = {x.route: x for x in ranked}
+                out += [by_route[route] for route in t.routes]
+        return out
 
     def history(self, target: str, route: str) -> History:
         """Return what the ranking keeps of the recent runs of one pair (a copy)."""
@@ -361,8 +365,7 @@ class ResultStore:
         for t in config.targets:
             ranked = self._ranked.get(t.name)
             if ranked is None:
-                ranked = ranking.rank(self._candidates([t]), self._route_leader(t.name))
-                self._keep_ranked(t.name, ranked)
+                ranked = self._ranked[t.name] = ranking.rank(self._candidates([t]), self._route_leader(t.name))
             out[t.name] = list(ranked)
         return out
 
@@ -395,16 +398,11 @@ class ResultStore:
             for route in t.routes
         ]
 
-    def _keep_ranked(self, target: str, ranked: list[Ranked]) -> None:
-        self._ranked[target] = ranked
-        for x in ranked:
-            self._rank_of[(x.target, x.route)] = x
-
     def _update_leaders(self, target: Target) -> None:
         # Ranked again with the leader it picks, the order is the same (that leader is its rank 1,
         # or nothing works), so this ranking is what readers get until the target records again.
         ranked = ranking.rank(self._candidates([target]), self._route_leader(target.name))
-        self._keep_ranked(target.name, ranked)
+        self._ranked[target.name] = ranked
         leader = ranking.leader_of(ranked)
         if leader is None:
             self._route_leaders.pop(target.name, None)

@@ -200,7 +200,7 @@ def _texts(s: PairState, score: float) -> bytes:
 
 
 Texts = Sequence[bytes]  # per pair of a batch its texts (see _texts), b"" for none
-Ranks = Sequence[Ranked | None]  # per pair of a batch its place in its target's ranking
+Ranks = Sequence[Ranked]  # per pair of a batch its place in its target's ranking
 Writer = Callable[[Sequence[_Row], Sequence[PairState | None], Texts, Ranks], list[bytes]]
 
 
@@ -322,17 +322,16 @@ _ranks: dict[int, bytes] = {}
 def _rank(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
     out = []
     for r, x in zip(rows, ranks, strict=True):
-        if x is not None:
-            tail = _ranks.get(x.rank)
-            if tail is None:
-                tail = _ranks[x.rank] = b"} %d.0" % x.rank
-            out.append(r.labels + tail)
+        tail = _ranks.get(x.rank)
+        if tail is None:
+            tail = _ranks[x.rank] = b"} %d.0" % x.rank
+        out.append(r.labels + tail)
     return out
 
 
 def _score(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
     return [r.labels + b"} " + (t.split(b"|", _SCORE + 1)[_SCORE] if t else b"%a" % as_field(x.score))
-            for r, t, x in zip(rows, texts, ranks, strict=True) if x is not None]
+            for r, t, x in zip(rows, texts, ranks, strict=True)]
 
 
 def _last_run(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
@@ -388,7 +387,7 @@ def render_pairs(store: ResultStore, config: Config) -> Iterator[bytes]:
     """
     rows, pairs, which = _rows(config)
     states = store.states(pairs)
-    ranks = store.ranks(pairs, config)
+    ranks = store.ranks(config)  # in the order of the rows
     yield b""
     keep = config is store.config  # the scores in a memo are those of the store's config
     texts: list[bytes] = []
@@ -399,7 +398,6 @@ def render_pairs(store: ResultStore, config: Config) -> Iterator[bytes]:
             continue
         memo = s.memo if keep else None
         if memo is None:
-            assert x is not None  # a pair with a result is ranked
             memo = _texts(s, x.score)
             if keep:
                 s.memo = memo
