@@ -285,6 +285,21 @@ class ResultStore:
         get = self._state.get
         return [get(pair) for pair in pairs]
 
+    def rank_some(self, most: int) -> bool:
+        """Rank up to `most` targets with no ranking kept (after a start or a reload); return whether any remain.
+
+        /metrics calls it in steps, letting the loop run between them, before it reads ranks()
+        (ranking 10,000 targets at once held the loop ~280 ms).
+        """
+        done = 0
+        for t in self.config.targets:
+            if t.name not in self._ranked:
+                if done == most:
+                    return True
+                self._ranked[t.name] = ranking.rank(self._candidates([t]), self._route_leader(t.name))
+                done += 1
+        return False
+
     def ranks(self, config: Config | None = None) -> list[Ranked]:
         """Return each pair's place in its target's ranking (see ranking()), pairs in config order (target, route)."""
         config = config or self.config

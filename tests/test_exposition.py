@@ -15,7 +15,7 @@ from probe import ranking as ranking_module
 from probe.config import Config, loads
 from probe.exporter import exposition, exposition_extra, metrics
 from probe.models import DnsResult, Localisation, Outcome, PathMethod, PathResult, Phase, ProbeResult, TlsInfo
-from probe.ranking import Candidate
+from probe.ranking import Candidate, Ranked
 from probe.store import PHASE_BUCKETS, Histogram, ResultStore
 
 CONFIG = """
@@ -324,3 +324,22 @@ def test_values_written_again_after_a_result_is_recorded_and_on_reload() -> None
     text = metrics.render(store, new).decode()
     assert 'target="plain"' not in text and 'vantage="vantage-2"' in text and "quoted" not in text
     assert 'probe_route_score{vantage="vantage-2",target="ssh",route="bound"} 3010.0\n' in text
+
+
+def test_after_a_reload_the_rankings_are_rebuilt_in_steps_with_pauses_between(monkeypatch: pytest.MonkeyPatch) -> None:
+    store, cfg = _random_store(random.Random(11), n=10, rounds=3)
+    new = loads(_many(10).replace("t0\n", "t0\n    timeout: 3s\n"))
+    store.reload_succeeded(new)
+    assert store.rank_some(4) and store.rank_some(4)  # 10 targets, 4 at a time: two steps leave some
+    assert not store.rank_some(4) and not store.rank_some(4)
+    def order(ranking: dict[str, list[Ranked]]) -> list[tuple[str, str, int]]:
+        return [(x.target, x.route, x.rank) for ranked in ranking.values() for x in ranked]  # scores may be NaN
+
+    assert order(store.ranking()) == order(store.ranking(loads(_many(10).replace("t0\n", "t0\n    timeout: 3s\n"))))
+    store.reload_succeeded(loads(_many(10)))
+    monkeypatch.setattr(exposition, "_RANK_STEP", 1)
+    monkeypatch.setattr(exposition, "_ROWS_STEP", 1)
+    pieces = list(exposition.render_pairs(store, store.config))
+    first_text = next(i for i, p in enumerate(pieces) if p)
+    assert first_text >= 10 + 10  # a pause per target's rows and per target ranked before the first line
+    _assert_same_as_prometheus_client(store, store.config)

@@ -28,6 +28,7 @@ from probe.store import OUTCOMES, PHASE_BUCKETS, PHASES, SLOTS, PairState, Resul
 
 CHUNK_LINES = 10_000  # lines per chunk (~1 MB): the server writes (and the loop breathes) between chunks
 _PAUSE_PAIRS = 1_000  # pairs whose float values are written as text between two pauses
+_RANK_STEP = 300  # targets ranked between two pauses after a start or reload (~10 ms)
 
 
 def value(v: float) -> str:
@@ -92,22 +93,34 @@ def rows(config: Config) -> list[_Row]:
 
 
 def _rows(config: Config) -> tuple[list[_Row], list[tuple[str, str]], list[list[int] | None]]:
+    for _ in _build_rows(config):
+        pass
+    return _rows_of[0][1], _rows_of[0][2], _rows_of[0][3]
+
+
+_ROWS_STEP = 2_000  # targets whose rows are built between two pauses (~5 ms)
+
+
+def _build_rows(config: Config) -> Iterator[bytes]:
+    """Build and keep the rows of `config` unless kept already; yield b"" (a pause) every _ROWS_STEP targets."""
     if _rows_of and _rows_of[0][0] is config:
-        return _rows_of[0][1], _rows_of[0][2], _rows_of[0][3]
+        return
     vantage = label_value(config.vantage)
-    rows = [
-        _Row(f'vantage="{vantage}",target="{label_value(t.name)}",route="{label_value(route)}"'.encode(),
-             (t.name, route), t)
-        for t in config.targets
-        for route in t.routes
-    ]
+    rows: list[_Row] = []
+    for i, t in enumerate(config.targets, start=1):
+        name = label_value(t.name)
+        rows += [_Row(f'vantage="{vantage}",target="{name}",route="{label_value(route)}"'.encode(), (t.name, route), t)
+                 for route in t.routes]
+        if i % _ROWS_STEP == 0:
+            yield b""
     which: list[list[int] | None] = []
     for family in FAMILIES:
         mine = None if (f := family.configured) is None else [i for i, r in enumerate(rows) if f(r)]
         which.append(None if mine is not None and len(mine) == len(rows) else mine)  # None: every row
+        if mine is not None:
+            yield b""
     pairs = [r.pair for r in rows]
     _rows_of[:] = [(config, rows, pairs, which)]
-    return rows, pairs, which
 
 
 # How a family's lines are written. A family's text is `name{` + ITEMS joined by `\nname{` + `\n`:
@@ -385,6 +398,9 @@ def render_pairs(store: ResultStore, config: Config) -> Iterator[bytes]:
     pair's float values after it recorded: ~90 ms at 10,000 pairs on a busy machine): the server
     lets the loop run there, as it does after every chunk.
     """
+    yield from _build_rows(config)  # after a start or a reload
+    while config is store.config and store.rank_some(_RANK_STEP):  # the targets not ranked since then
+        yield b""
     rows, pairs, which = _rows(config)
     states = store.states(pairs)
     ranks = store.ranks(config)  # in the order of the rows
