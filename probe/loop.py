@@ -14,6 +14,7 @@ T = TypeVar("T")
 
 TICK = 0.05  # the watch's timer period, seconds
 STALL_MIN = 0.02  # a timer late by more than this is recorded as a stall
+STALL_SHARE = 0.25  # a timeout is the monitor's when its loop stalled for this share of the time waited
 STALL_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _KEEP = 4096  # stalls remembered (a probe looks back at most its timeout)
 
@@ -100,6 +101,20 @@ class LoopWatch:
                 total += overlap
                 longest = max(longest, overlap)
         return total, longest
+
+    def blame(self, start: float, end: float, span: float, what: str) -> str | None:
+        """Return evidence that a timeout over [start, end] was the monitor's own stall, or None.
+
+        The one stall rule of probes and DNS checks alike: the loop stalled for at least
+        STALL_SHARE of `span` (the time the timed-out work was given) within the window.
+        """
+        total, longest = self.stalled(start, end)
+        if total < STALL_SHARE * span:
+            return None
+        return (
+            f"the monitor's event loop stalled for {total * 1000:.0f} ms (longest {longest * 1000:.0f} ms) "
+            f"of {what}'s {(end - start) * 1000:.0f} ms: the timeout is the monitor's, not the network's"
+        )
 
 
 watch = LoopWatch()  # one event loop per process runs probes: its stalls are the process's

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +25,7 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
+from probe import loop
 from probe.config import DIRECT_ROUTE, Config, Resolver, ResolverType, Route, Target, TargetKind
 from probe.context import ProbeContext
 from probe.dns import checks as dns_checks
@@ -693,3 +696,88 @@ async def test_once_json_shows_dns_injection_for_a_resolver_receiving_two_differ
     assert ali["evidence"][0].startswith(
         f"ali (127.0.0.1:{raced.port}/udp): 2 differing replies to one A query for {NAME} within 200 ms")
     assert result["evidence"][0] == ali["evidence"][0]
+
+
+# ---- the monitor's own stall: never blamed on the network ----------------------------------------
+
+
+@asynccontextmanager
+async def watching_the_loop() -> AsyncIterator[None]:
+    loop.watch.start()
+    try:
+        yield
+    finally:
+        await loop.watch.stop()
+
+
+def stall_the_loop(after: float, seconds: float) -> None:
+    """Hold the event loop for `seconds` from `after` s from now, as a callback that never yields would."""
+    asyncio.get_running_loop().call_later(after, time.sleep, seconds)
+
+
+async def test_a_lookup_timing_out_across_a_stall_of_the_loop_is_error_not_dns_timeout(make: Make) -> None:
+    # The server answers after 100 ms; the loop is held from 10 ms to 710 ms, past the check's deadline.
+    async with DnsServer(delayed(0.1, answer({NAME: ["127.0.0.20"]}))) as server, watching_the_loop():
+        ctx = make(server.resolver("isp"), server.resolver("ctl", control=True), bogons=[])
+        stall_the_loop(0.01, 0.7)
+        results = await check(ctx, target("isp", "ctl"), within=0.6)
+    for name in ("isp", "ctl"):
+        r = results[name]
+        assert (r.outcome, r.consistent, r.answers) == (Outcome.ERROR, None, ()), r
+        evidence = " | ".join(r.evidence)
+        assert re.search(r"event loop stalled for \d+ ms", evidence) and "not the network's" in evidence, evidence
+        assert r.error is not None and r.error.startswith("MonitorStall: "), r.error
+
+
+async def test_a_lookup_the_server_never_answers_stays_dns_timeout_without_a_stall(make: Make) -> None:
+    async with DnsServer(silent()) as server, watching_the_loop():
+        ctx = make(server.resolver("isp"), bogons=[])
+        results = await check(ctx, target("isp"), within=0.6)
+    r = results["isp"]
+    assert r.outcome is Outcome.DNS_TIMEOUT, r
+    assert "stalled" not in " ".join(r.evidence) and r.error is not None and "MonitorStall" not in r.error
+
+
+async def test_a_round_whose_dns_check_stalled_reports_no_dns_timeout_and_probes_normally(make: Make) -> None:
+    async with (
+        tcp_listener("127.0.0.20") as port,
+        DnsServer(delayed(0.1, answer({NAME: ["127.0.0.20"]}))) as server,
+        watching_the_loop(),
+    ):
+        via = Route("via-isp", resolver="isp")
+        t = Target(name="t", kind=TargetKind.TCP, host=NAME, port=port, resolvers=("isp",), routes=("via-isp",),
+                   timeout=0.6)
+        ctx = make(server.resolver("isp"), bogons=[], routes=[via], targets=[t])
+        stall_the_loop(0.01, 0.8)  # during the round's DNS check, which comes first
+        [result] = await run_round(ctx.config, ctx)
+    assert [(d.resolver, d.outcome) for d in result.dns] == [("isp", Outcome.ERROR)], result.dns
+    assert "event loop stalled for" in " ".join(result.dns[0].evidence)
+    assert result.outcome is Outcome.OK, result  # the probe after it resolved and connected as usual
+    assert ctx.verdicts.get(NAME, "isp") is not None  # remembered, and not as a verdict that refuses answers
+
+
+async def test_a_tls_check_timing_out_across_a_stall_is_error_not_mismatch(
+    make: Make, ca: trustme.CA, ca_file: str
+) -> None:
+    async def stall_on_accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        time.sleep(1.2)  # the monitor's loop is held past the check's 1 s while the handshake is due
+        writer.transport.abort()
+
+    server = await asyncio.start_server(stall_on_accept, "127.0.0.4", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with (
+            DnsServer(answer({NAME: ["127.0.0.4"]})) as isp,
+            DnsServer(CONTROL, tls=ca) as control,
+            watching_the_loop(),
+        ):
+            ctx = make(isp.resolver("isp"), doh_control(control, ca_file), bogons=[])
+            results = await check(ctx, target("isp", "cf-doh", port=port, ca_file=ca_file))
+    finally:
+        server.close()
+        await server.wait_closed()
+    r = results["isp"]
+    assert (r.outcome, r.consistent) == (Outcome.ERROR, None), r
+    assert r.evidence[-1].startswith(f"{udp(isp, 'isp')}: TLS check of 127.0.0.4:{port} with SNI {NAME}: "
+                                     "no completed TLS handshake: the monitor's event loop stalled for "), r.evidence
+    assert ctx.verdicts.get(NAME, "isp") is not None

@@ -6,11 +6,13 @@ import asyncio
 import os
 import secrets
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dns.rdatatype
 
+from probe import loop
 from probe.classify import classify, describe
 from probe.config import DIRECT_ROUTE, Resolver, Target
 from probe.dns import lookup as probe_dns
@@ -88,6 +90,7 @@ class TlsCheck:
     valid: bool  # the handshake completed with a certificate valid for the target's name
     reached: bool  # a TLS server answered at all (a certificate was presented, valid or not)
     evidence: str  # `127.0.0.4:443 with SNI x: certificate rejected (...)`
+    own: bool = False  # it timed out while the monitor's loop stalled: the monitor's failure, not the address's
 
 
 async def tls_check(address: str, target: Target, deadline: Deadline, ctx: DnsContext) -> TlsCheck:
@@ -101,6 +104,7 @@ async def tls_check(address: str, target: Target, deadline: Deadline, ctx: DnsCo
     peer = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     what = f"{peer} with SNI {target.sni}"
     timeout = min(ctx.tls_check_timeout, deadline.remaining())
+    started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
             conn = await dial.connect(address, port, DIRECT_ROUTE, trace)
@@ -109,6 +113,9 @@ async def tls_check(address: str, target: Target, deadline: Deadline, ctx: DnsCo
             finally:
                 dial.close(conn)
     except (OSError, EOFError, ssl.SSLError) as e:
+        if isinstance(e, TimeoutError) and (why := loop.watch.blame(started, time.perf_counter(), timeout,
+                                                                    "this TLS check")) is not None:
+            return TlsCheck(False, False, f"{what}: no completed TLS handshake: {why}", own=True)
         return _failed(what, classify(trace.stage, e), e, timeout)
     return TlsCheck(True, True, f"{what}: certificate valid for {target.sni}")
 

@@ -277,7 +277,9 @@ class _Judge:
         else:
             return  # no control answer: consistency unknown
         check = await self._tls_check(found.answers[0])
-        if check.valid:
+        if check.own:  # our loop stalled: the check proves nothing either way, and never blames the path
+            v.flag(Outcome.ERROR, f"{s.label}: TLS check of {check.evidence}")
+        elif check.valid:
             v.consistent = True
             v.note(f"{s.label}: TLS check of {check.evidence}: a CDN or GeoDNS answer, not a forged one")
         elif check.reached or self.target.uses_tls:
@@ -295,6 +297,8 @@ class _Judge:
             for canary in self.canaries:
                 if canary.control or canary.replies:
                     v.note(self._misconfigured(canary) if canary.control else self._canary_line(canary))
+        if s.failure.outcome is Outcome.ERROR:
+            return  # the monitor's own failure (a local fault, its loop's stall) says nothing of the path
         if self.answered:
             v.consistent = False
             v.note(f"{s.label}: {s.failure.outcome} for {self.target.host}, while the control answered {self.said()}")

@@ -20,7 +20,8 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from probe.classify import DnsFailure, describe
+from probe import loop
+from probe.classify import DnsFailure, MonitorStall, describe
 from probe.config import Resolver, ResolverType
 from probe.dns import system as dns_system
 from probe.dns.context import DnsContext
@@ -82,15 +83,37 @@ async def lookup(
     Over UDP, `reply_window` > 0 keeps listening that long after each first reply, counting
     every reply (the reply-counting check); `dnssec` sets the DO bit so replies carry RRSIGs.
     Raises LookupFailure (a probe.classify.DnsFailure) with outcome dns_nxdomain, dns_servfail
-    or dns_timeout; or error when the host itself cannot resolve (no nameservers, bad source).
+    or dns_timeout; or error when the host itself cannot resolve (no nameservers, bad source), or
+    when the lookup timed out while the monitor's own event loop stalled (see own_stall).
     """
     started = _now()
     how = _How(source_address, reply_window, dnssec)
-    if resolver.type is ResolverType.SYSTEM:
-        found, answered = await _system_lookup(resolver.name, name, deadline, ctx, how)
-    else:
-        found, answered = await _lookup_at(Server.of(resolver), name, deadline, ctx, how)
+    try:
+        if resolver.type is ResolverType.SYSTEM:
+            found, answered = await _system_lookup(resolver.name, name, deadline, ctx, how)
+        else:
+            found, answered = await _lookup_at(Server.of(resolver), name, deadline, ctx, how)
+    except LookupFailure as f:
+        if (mine := own_stall(f, started)) is not None:
+            raise mine from f
+        raise
     return dataclasses.replace(found, duration_seconds=max(0.0, answered - started))
+
+
+def own_stall(failure: LookupFailure, started: float) -> LookupFailure | None:
+    """Return the monitor's own `error` for a timeout across a stall of its loop; None for any other failure.
+
+    The rule of the probes' boundary (probe.loop.LoopWatch.blame): never blame the network,
+    here as dns_timeout, for a reply the monitor may have received and not got to in time.
+    """
+    if failure.outcome is not Outcome.DNS_TIMEOUT:
+        return None
+    now = _now()
+    why = loop.watch.blame(started, now, now - started, "this lookup")
+    if why is None:
+        return None
+    return LookupFailure(f"{failure}; {why}", Outcome.ERROR, failure.replies, describe(MonitorStall(why)),
+                         failure.received)
 
 
 async def ask(
@@ -103,11 +126,13 @@ async def ask(
     """
     server = _first_server(resolver, ctx)
     qtype = dns.rdatatype.to_text(rdtype)
+    started = _now()
     try:
         query = make_query(name, rdtype, dnssec=dnssec)
         return (await _exchange_or_tcp(server, query, deadline, ctx, _How())).message
     except QueryFailed as f:
-        raise LookupFailure(f"{server.prefix}: {f.what} for {name} {qtype}", f.outcome, int(f.replied)) from f
+        failure = LookupFailure(f"{server.prefix}: {f.what} for {name} {qtype}", f.outcome, int(f.replied))
+        raise own_stall(failure, started) or failure from f
 
 
 def server_label(resolver: Resolver, ctx: DnsContext) -> str:

@@ -67,9 +67,6 @@ async def run_traced(
     )
 
 
-STALL_SHARE = 0.25  # a timeout is the monitor's when its loop stalled this share of the probe's time
-
-
 def own_delay(trace: Trace, timeout: float) -> str | None:
     """Return why a timeout was the monitor's own delay rather than the network's; None if it was not."""
     if trace.kernel_connected is not None:
@@ -77,13 +74,7 @@ def own_delay(trace: Trace, timeout: float) -> str | None:
             f"the kernel completed the TCP handshake with {trace.peer} in {trace.kernel_connected * 1e6:.0f} us, "
             "but the monitor did not get to it before the deadline: its own delay, not the network's"
         )
-    total, longest = loop.watch.stalled(trace.started, trace.now())
-    if total >= STALL_SHARE * timeout:
-        return (
-            f"the monitor's event loop stalled for {total * 1000:.0f} ms (longest {longest * 1000:.0f} ms) "
-            f"of this probe's {trace.elapsed() * 1000:.0f} ms: the timeout is the monitor's, not the network's"
-        )
-    return None
+    return loop.watch.blame(trace.started, trace.now(), timeout, "this probe")
 
 
 def failure_evidence(trace: Trace, outcome: Outcome, exc: BaseException) -> str:
