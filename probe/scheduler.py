@@ -13,13 +13,14 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.executors.base import BaseExecutor
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.schedulers.base import STATE_PAUSED, STATE_RUNNING
 from apscheduler.triggers.interval import IntervalTrigger
 
 from probe.config import Config, Route, Target
@@ -39,6 +40,10 @@ DEFAULT_CONCURRENCY = 256
 START_GRID_SECONDS = 0.05
 CLOCK_CHECK_SECONDS = 1.0  # how often the wall clock is compared with the monotonic one
 CLOCK_STEP_SECONDS = 1.0  # a jump of the difference larger than this is a step (NTP, VM resume, an admin)
+# A reload's job switch yields to the loop after this much work: at 10,000 targets the switch
+# took ~0.2 s of the loop in one go (probes in flight looked late); sliced, no step holds it longer
+# than about this (docs/benchmarks.md, "Reload").
+SWITCH_SLICE_SECONDS = 0.005
 
 log = logging.getLogger("probe")
 _planned_at: ContextVar[float | None] = ContextVar("planned_at", default=None)
@@ -86,6 +91,10 @@ class _TaskExecutor(BaseExecutor):  # type: ignore[misc]  # apscheduler is untyp
         # slot; the lag is measured from the earliest one, so a stalled loop or an overlong
         # previous run shows as the delay it really caused.
         self._due: dict[str, datetime] = {}
+        # Closed while the job set is being switched (Scheduler.switch): no run starts until the
+        # new set and its config are in place together.
+        self.gate = asyncio.Event()
+        self.gate.set()
 
     def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
         run_time = run_times[-1]
@@ -103,6 +112,7 @@ class _TaskExecutor(BaseExecutor):  # type: ignore[misc]  # apscheduler is untyp
         if job.misfire_grace_time is not None and late > job.misfire_grace_time:
             log.warning("%s: run skipped, %.1f s late", job.id, late)
             return
+        await self.gate.wait()
         _planned_at.set(planned.timestamp())
         await job.func(*job.args, **job.kwargs)
 
@@ -193,7 +203,9 @@ class Scheduler:
         # Localisations after a block (probe/locate); the service passes one that outlives reloads.
         self.locator = locator or Locator(wait_residual=True)
         self._locating: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._sync(config)
+        self._switching = asyncio.Lock()
+        self._realign_due = False  # the clock stepped during a switch: realign once it is done
+        self._apply(config)
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -219,11 +231,56 @@ class Scheduler:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def apply(self, config: Config, ctx: ProbeContext | None = None) -> JobChanges:
-        """Switch to `config` (and `ctx`): add new jobs, remove gone ones, reschedule changed intervals."""
+        """Switch to `config` (and `ctx`) in one go: add new jobs, remove gone ones, reschedule changed intervals."""
+        changes = self._apply(config)
         self.config = config
         if ctx is not None:
             self.ctx = ctx
-        return JobChanges(len(self._intervals), *self._sync(config))
+        return changes
+
+    async def switch(self, config: Config, ctx: ProbeContext | None = None) -> JobChanges:
+        """Switch to `config` (and `ctx`) like apply(), yielding to the loop every SWITCH_SLICE_SECONDS.
+
+        Atomic for runs: no scheduled run starts while the job set is between the two configs
+        (APScheduler is paused and the executor's gate closed; runs already due wait at the gate),
+        and the config, the context and the complete job set take effect in one step at the end.
+        Runs in flight go on, and a gone job's are cancelled as before. If the switch fails
+        half-way, the old job set is restored and the running config stays.
+        """
+        async with self._switching:
+            pause = self._aps.state == STATE_RUNNING
+            if pause:
+                self._aps.pause()
+            self._executor.gate.clear()
+            before = len(self._intervals)
+            counts = [0, 0, 0]
+            try:
+                wanted: dict[str, _JobSpec] = {}
+                await _sliced(self._collect(config, wanted))
+                await _sliced(self._changes(wanted, counts))
+                await asyncio.sleep(0)  # the commit below, and the caller's own steps after it, start a fresh slice
+            except BaseException:
+                if self._aps.running:  # (not when cancelled by shutdown: no jobs are wanted any more)
+                    for _ in self._changes(self._wanted(self.config), [0, 0, 0]):
+                        pass  # back to the running config's jobs, in one go: a failed switch is rare
+                raise
+            else:
+                self.config = config
+                if ctx is not None:
+                    self.ctx = ctx
+            finally:
+                self._executor.gate.set()
+                if pause and self._aps.state == STATE_PAUSED:
+                    self._aps.resume()
+                if self._realign_due:
+                    self.realign()
+            return JobChanges(before, *counts)
+
+    def _apply(self, config: Config) -> JobChanges:
+        before, counts = len(self._intervals), [0, 0, 0]
+        for _ in self._changes(self._wanted(config), counts):
+            pass
+        return JobChanges(before, *counts)
 
     # --- inspection -----------------------------------------------------------------
 
@@ -345,6 +402,10 @@ class Scheduler:
 
     def realign(self) -> None:
         """Plan every job's next run afresh from the current wall clock (after the clock stepped)."""
+        if self._switching.locked():
+            self._realign_due = True  # the job set is half-switched: switch() realigns when it is done
+            return
+        self._realign_due = False
         self.clock_steps += 1
         for job_id, interval in self._intervals.items():
             self._aps.reschedule_job(job_id, trigger=self._trigger(job_id, interval))
@@ -354,6 +415,12 @@ class Scheduler:
 
     def _wanted(self, config: Config) -> dict[str, _JobSpec]:
         jobs: dict[str, _JobSpec] = {}
+        for _ in self._collect(config, jobs):
+            pass
+        return jobs
+
+    def _collect(self, config: Config, jobs: dict[str, _JobSpec]) -> Iterator[None]:
+        """Fill `jobs` with the job set `config` wants, one target per step."""
         for t in config.targets:
             for r in t.routes:
                 jobs[probe_job_id(t.name, r)] = _JobSpec(t.interval, self._run_pair, (t.name, r))
@@ -361,17 +428,19 @@ class Scheduler:
                     jobs[path_job_id(t.name, r)] = _JobSpec(t.interval, self._run_path, (t.name, r))
             if t.needs_dns:
                 jobs[dns_job_id(t.name)] = _JobSpec(t.interval, self._run_dns, (t.name,))
-        return jobs
+            yield
 
-    def _sync(self, config: Config) -> tuple[int, int, int]:
-        wanted = self._wanted(config)
+    def _changes(self, wanted: dict[str, _JobSpec], counts: list[int]) -> Iterator[None]:
+        """Make the job set `wanted`, one job per step; count [added, removed, rescheduled] into `counts`."""
         gone = [job_id for job_id in self._intervals if job_id not in wanted]
+        yield
         for job_id in gone:
             self._aps.remove_job(job_id)
             self._executor.cancel(job_id)
             self._executor.forget(job_id)
             del self._intervals[job_id]
-        added = rescheduled = 0
+            counts[1] += 1
+            yield
         for job_id, spec in wanted.items():
             old = self._intervals.get(job_id)
             if old is None:
@@ -379,14 +448,14 @@ class Scheduler:
                     spec.func, trigger=self._trigger(job_id, spec.interval), args=spec.args, id=job_id,
                     name=job_id, max_instances=1, coalesce=True, misfire_grace_time=_grace(spec.interval),
                 )
-                added += 1
+                counts[0] += 1
             elif old != spec.interval:
                 self._aps.modify_job(job_id, misfire_grace_time=_grace(spec.interval))
                 self._aps.reschedule_job(job_id, trigger=self._trigger(job_id, spec.interval))
                 self._executor.forget(job_id)
-                rescheduled += 1
+                counts[2] += 1
             self._intervals[job_id] = spec.interval
-        return added, len(gone), rescheduled
+            yield
 
     @staticmethod
     def _trigger(job_id: str, interval: float) -> IntervalTrigger:
@@ -394,6 +463,16 @@ class Scheduler:
         # jobs spread over the interval, and a job keeps its phase across restarts and reloads.
         anchor = datetime.fromtimestamp(start_offset(job_id, interval), tz=UTC)
         return IntervalTrigger(seconds=interval, start_date=anchor, timezone=UTC)
+
+
+async def _sliced(steps: Iterator[None], budget: float | None = None) -> None:
+    """Run `steps` to the end, yielding to the loop whenever `budget` seconds of work have passed."""
+    budget = SWITCH_SLICE_SECONDS if budget is None else budget
+    began = time.perf_counter()
+    for _ in steps:
+        if time.perf_counter() - began >= budget:
+            await asyncio.sleep(0)
+            began = time.perf_counter()
 
 
 def _grace(interval: float) -> int:

@@ -97,9 +97,11 @@ class Service:
                 log.exception("reload of %s failed, keeping the running config", self.config_path)
                 return error
             old, old_ctx = self.config, self.ctx
+            # In slices that yield to the loop, no run starting meanwhile; the rest below happens in
+            # the same step as the switch's end, so no probe sees the new jobs with the old store.
+            changes = await self.scheduler.switch(new, ctx)
             self.config, self.ctx = new, ctx
             self.controls.forget({(t.name, r) for t in new.targets for r in t.routes})
-            changes = self.scheduler.apply(new, self.ctx)
             self.store.reload_succeeded(new)
             # Probes already running still use the old context; close it once they must have ended.
             grace = max((t.timeout for t in old.targets), default=0.0)

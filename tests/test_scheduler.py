@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from probe import scheduler as scheduler_module
 from probe.config import Config, Route, Target, loads
 from probe.context import ProbeContext
 from probe.models import Deadline, DnsResult, Outcome, ProbeResult
@@ -270,3 +271,80 @@ targets: [{name: t, address: "svc.example:443", routes: [direct, b], interval: 1
     assert [(r.target, r.route) for r in results] == [("t", "direct"), ("t", "b")]
     assert all(r.dns and r.dns[0].resolver == "system" for r in results)
     assert scheduler.store.latest("t", "b") is not None
+
+
+def named_config(names: list[str], interval: str = "100ms") -> Config:
+    targets = "".join(f"  - {{name: {n}, address: '127.0.0.1:1'}}\n" for n in names)
+    return loads(f"vantage: v\ndefaults: {{interval: {interval}}}\ntargets:\n{targets}")
+
+
+async def test_switch_yields_to_the_loop_and_no_run_starts_with_a_half_switched_job_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reload's switch runs in slices; a run sees either the old config and jobs or the new ones, never a mix."""
+    monkeypatch.setattr(scheduler_module, "SWITCH_SLICE_SECONDS", 0.0)  # yield after every job: the worst case
+    old = named_config([f"old{i}" for i in range(150)] + [f"kept{i}" for i in range(150)])
+    new = named_config([f"new{i}" for i in range(150)] + [f"kept{i}" for i in range(150)], interval="150ms")
+    wanted = {id(c): frozenset(probe_job_id(t.name, "direct") for t in c.targets) for c in (old, new)}
+    seen: list[tuple[str, bool, bool]] = []  # (target, config and jobs agree, a switch was under way)
+    holder: list[Scheduler] = []
+
+    async def probe(target: Target, route: Route, ctx: ProbeContext) -> ProbeResult:
+        s = holder[0]
+        agree = s.job_ids() == wanted[id(s.config)] and ctx is s.ctx and target in s.config.targets
+        seen.append((target.name, agree, s._switching.locked()))
+        return ProbeResult(target.name, route.name, Outcome.OK, time.time(), 0.0)
+
+    async with running(old, probe) as scheduler:
+        holder.append(scheduler)
+        await wait_for(lambda: len(seen) >= 300)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        counting = asyncio.create_task(ticker())
+        new_ctx = ProbeContext(new)
+        started = len(seen)
+        changes = await scheduler.switch(new, new_ctx)
+        during, switched_at = ticks, len(seen)
+        counting.cancel()
+        await wait_for(lambda: sum(1 for name, _, _ in seen[switched_at:] if name.startswith("new")) >= 150)
+        await new_ctx.close()
+    assert (changes.added, changes.removed, changes.rescheduled) == (150, 150, 150)
+    assert scheduler.config is new and scheduler.job_ids() == wanted[id(new)]
+    assert during > 300, "the switch should have yielded to the loop between its steps"
+    assert not [s for s in seen if not s[1]], [s for s in seen if not s[1]][:5]
+    assert not [s for s in seen if s[2]], "a run started while the job set was being switched"
+    assert seen[started:switched_at] == []  # runs that came due meanwhile waited for the switch to end
+    assert not [name for name, _, _ in seen[switched_at:] if name.startswith("old")]
+
+
+async def test_a_switch_that_fails_half_way_keeps_the_running_jobs_and_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "SWITCH_SLICE_SECONDS", 0.0)
+    old = named_config([f"old{i}" for i in range(50)])
+    new = named_config([f"new{i}" for i in range(50)])
+    probe = FakeProbe()
+    async with running(old, probe) as scheduler:
+        before = scheduler.job_ids()
+        real_add, added = scheduler._aps.add_job, 0
+
+        def flaky_add(*args: object, **kwargs: object) -> object:
+            nonlocal added
+            added += 1
+            if added > 20 and str(kwargs.get("id", "")).startswith("probe:new"):
+                raise RuntimeError("jobstore broke")
+            return real_add(*args, **kwargs)
+
+        monkeypatch.setattr(scheduler._aps, "add_job", flaky_add)
+        with pytest.raises(RuntimeError, match="jobstore broke"):
+            await scheduler.switch(new, ProbeContext(new))
+        monkeypatch.setattr(scheduler._aps, "add_job", real_add)
+        assert scheduler.config is old and scheduler.job_ids() == before
+        assert all(scheduler.next_run_time(j) is not None for j in before)
+        calls = sum(probe.calls.values())
+        await wait_for(lambda: sum(probe.calls.values()) >= calls + 50)  # resumed: the old jobs run on
+    assert not [pair for pair in probe.calls if pair[0].startswith("new")]
