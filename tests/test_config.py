@@ -287,6 +287,16 @@ INVALID: list[tuple[str, list[str]]] = [
         ],
     ),
     (
+        "invalid-path-tcp-on-http3.yml",
+        [
+            "targets[0].path.method: tcp times TCP handshakes to port 443, but an http_version 3 target is served"
+            " over QUIC (UDP): use method icmp, or sample the TCP path on an http_version 1 target",
+            "targets[1].path.method: tcp times TCP handshakes to port 8443, but an http_version 3 target is served"
+            " over QUIC (UDP): use method icmp, or sample the TCP path on an http_version 1 target (its path"
+            " comes from defaults.path: `path: null` samples none)",
+        ],
+    ),
+    (
         "invalid-path-keys.yml",
         [
             "defaults.path.spread: missing (the time the samples are spread over, e.g. 5s)",

@@ -24,6 +24,7 @@ from probe.config.model import (
 )
 from probe.config.path import PathChecks
 from probe.config.values import parse_hostport
+from probe.models import PathMethod
 
 _TARGET_KEYS = {
     "name", "url", "address", "tls", "server_name", "expect", "method", "headers",
@@ -198,6 +199,15 @@ class TargetChecks(PathChecks):
         if path_raw is not None:
             chosen = tuple(known_routes[r] for r in kwargs["routes"])
             kwargs["path"] = self.path_check(path_raw, path_path, interval, timeout, chosen)
+            if kind is TargetKind.HTTP3 and kwargs["path"] is not None and kwargs["path"].method is PathMethod.TCP:
+                # QUIC is UDP: a TCP handshake to the port times another protocol, which the path may
+                # treat otherwise (censors and shapers often do), so the figures would not be the target's.
+                inherited = "" if "path" in m else " (its path comes from defaults.path: `path: null` samples none)"
+                self.fail(
+                    f"{path}.path.method",
+                    f"tcp times TCP handshakes to port {port}, but an http_version 3 target is served over QUIC "
+                    f"(UDP): use method icmp, or sample the TCP path on an http_version 1 target{inherited}",
+                )
         if kind is TargetKind.HTTP3 and isinstance(routes_raw, list):
             for i, route_name in enumerate(routes_raw):
                 route = known_routes.get(route_name) if isinstance(route_name, str) else None
