@@ -40,9 +40,9 @@ DEFAULT_CONCURRENCY = 256
 START_GRID_SECONDS = 0.05
 CLOCK_CHECK_SECONDS = 1.0  # how often the wall clock is compared with the monotonic one
 CLOCK_STEP_SECONDS = 1.0  # a jump of the difference larger than this is a step (NTP, VM resume, an admin)
-# A reload's job switch yields to the loop after this much work: at 10,000 targets the switch
-# took ~0.2 s of the loop in one go (probes in flight looked late); sliced, no step holds it longer
-# than about this (docs/benchmarks.md, "Reload").
+# A reload's job switch yields to the loop after this much work: at 10,000 targets it held the
+# loop 0.12-0.13 s in one go (probes in flight looked late); sliced, its longest step was 7-12 ms
+# (docs/benchmarks.md, "Reload: switching the jobs in slices").
 SWITCH_SLICE_SECONDS = 0.005
 
 log = logging.getLogger("probe")
@@ -465,12 +465,11 @@ class Scheduler:
         return IntervalTrigger(seconds=interval, start_date=anchor, timezone=UTC)
 
 
-async def _sliced(steps: Iterator[None], budget: float | None = None) -> None:
-    """Run `steps` to the end, yielding to the loop whenever `budget` seconds of work have passed."""
-    budget = SWITCH_SLICE_SECONDS if budget is None else budget
+async def _sliced(steps: Iterator[None]) -> None:
+    """Run `steps` to the end, yielding to the loop whenever SWITCH_SLICE_SECONDS of work have passed."""
     began = time.perf_counter()
     for _ in steps:
-        if time.perf_counter() - began >= budget:
+        if time.perf_counter() - began >= SWITCH_SLICE_SECONDS:
             await asyncio.sleep(0)
             began = time.perf_counter()
 

@@ -99,7 +99,14 @@ class Service:
             old, old_ctx = self.config, self.ctx
             # In slices that yield to the loop, no run starting meanwhile; the rest below happens in
             # the same step as the switch's end, so no probe sees the new jobs with the old store.
-            changes = await self.scheduler.switch(new, ctx)
+            try:
+                changes = await self.scheduler.switch(new, ctx)
+            except Exception as e:  # a scheduler bug: switch() put the running jobs back; keep the config
+                error = f"{self.config_path}: cannot switch the jobs: {type(e).__name__}: {e}"
+                self.store.reload_failed(error)
+                log.exception("reload of %s failed, keeping the running config", self.config_path)
+                await ctx.close()
+                return error
             self.config, self.ctx = new, ctx
             self.controls.forget({(t.name, r) for t in new.targets for r in t.routes})
             self.store.reload_succeeded(new)

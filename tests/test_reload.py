@@ -12,6 +12,7 @@ import yaml
 
 from probe import config
 from probe.config.targets import TargetChecks
+from probe.service import Service, load_config
 from tests.procs import probe_run
 from tests.test_stall import healthy_server
 
@@ -80,3 +81,33 @@ async def test_reloading_a_thousand_targets_gives_healthy_probes_no_false_outcom
     assert ok is not None and float(ok.group(1)) >= 3, metrics[:2000]
     blamed = [(o, v) for o, v in NETWORK_BLAMED.findall(metrics) if float(v)]
     assert not blamed, blamed
+
+
+async def test_a_job_switch_that_fails_keeps_the_running_config_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "targets.yml"
+    cfg.write_text("vantage: lab\ntargets:\n  - {name: old, address: '127.0.0.1:1', interval: 1h}\n")
+    service = Service(str(cfg), load_config(str(cfg), None))
+    service.start()
+    try:
+        cfg.write_text("vantage: lab\ntargets:\n  - {name: new, address: '127.0.0.1:1', interval: 1h}\n")
+        real_add = service.scheduler._aps.add_job
+
+        def broken_add(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("id") == "probe:new:direct":
+                raise RuntimeError("jobstore broke")
+            return real_add(*args, **kwargs)  # putting the old job back works
+
+        monkeypatch.setattr(service.scheduler._aps, "add_job", broken_add)
+        error = await service.reload()
+        monkeypatch.setattr(service.scheduler._aps, "add_job", real_add)
+        assert error is not None and "cannot switch the jobs: RuntimeError: jobstore broke" in error
+        assert [t.name for t in service.config.targets] == ["old"]
+        assert [t.name for t in service.scheduler.config.targets] == ["old"]
+        assert service.scheduler.job_ids() == {"probe:old:direct"}
+        assert service.store.last_reload_error == error
+        assert await service.reload() is None  # the next reload switches as usual
+        assert service.scheduler.job_ids() == {"probe:new:direct"}
+    finally:
+        await service.close()
