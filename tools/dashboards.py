@@ -132,52 +132,51 @@ def overview() -> db.Dashboard:
         .cell_options(common.TableColoredBackgroundCellOptions())
         .height(8).span(12)
     )
-    board = board.with_panel(
-        table.Panel().title("Censor hop (last localisation)").datasource(DS)
-        .description(
-            "For targets with `locate: true`: the hop count from the vantage at which the last localisation saw "
-            "the reset or forged answer (probe_censor_hop); 'not localised' where none found a hop. Compare "
-            "vantages and routes: one hop for every target of a province is a provincial firewall, a hop just "
-            "before the international link the national one. The routers of each hop, the injector's fingerprint "
-            "(IP TTL and ID, TCP window and flags, payload, time after the trigger) and the evidence are in "
-            "results[].locate of the vantage's GET /api/results. README: Localisation."
-        )
+    board = board.with_panel(pair_table(
+        "Censor hop (last localisation)",
+        "For targets with `locate: true`: the hop count from the vantage at which the last localisation saw "
+        "the reset or forged answer (probe_censor_hop); 'not localised' where none found a hop. Compare "
+        "vantages and routes: one hop for every target of a province is a provincial firewall, a hop just "
+        "before the international link the national one. The routers of each hop, the injector's fingerprint "
+        "(IP TTL and ID, TCP window and flags, payload, time after the trigger) and the evidence are in "
+        "results[].locate of the vantage's GET /api/results. README: Localisation.",
+        "probe_censor_hop", "hop", {"0": ("not localised", None)}, missing=0,
+    ))
+    board = board.with_panel(pair_table(
+        "Name filter or address block (control handshake)",
+        "For targets with `control_sni`: when the last handshake failed at the TLS stage, the monitor sent one "
+        "with a name nobody filters to the same address and port (probe_sni_filtered). 'name filter (SNI)': "
+        "that one answered, so the censor matches the name: another IP of the same name will not help, a "
+        "route abroad will. 'address blocked': neither answered: the address is blocked for any name (or the "
+        "server is down): a mirror on another address may work. 'not tested': the last run did not need the "
+        "control (it passed, or failed before TLS), or residual blocking made it inconclusive. README: Control "
+        "handshakes.",
+        "probe_sni_filtered", "verdict",
+        {"1": ("name filter (SNI)", RED), "0": ("address blocked", ORANGE), "-1": ("not tested", None)}, missing=-1,
+    ))
+    return board
+
+
+def pair_table(title: str, description: str, metric: str, column: str,
+               texts: dict[str, tuple[str, str | None]], missing: int) -> table.Panel:
+    """Return a table of one per-pair gauge by vantage, target and route; `missing` where a pair has no series."""
+    fallback = f" - {-missing}" if missing < 0 else f" + {missing}" if missing else ""
+    return (
+        table.Panel().title(title).datasource(DS).description(description)
         .with_target(q(
-            f"max by (vantage, target, route) (probe_censor_hop{{{PAIR}}}) "
-            f"or max by (vantage, target, route) (probe_success{{{PAIR}}}) * 0",
+            f"max by (vantage, target, route) ({metric}{{{PAIR}}}) "
+            f"or max by (vantage, target, route) (probe_success{{{PAIR}}}) * 0{fallback}",
             instant=True, table_format=True,
         ))
-        .with_transformation(transform("organize", excludeByName={"Time": True}, renameByName={"Value": "hop"},
-                                       indexByName={"vantage": 0, "target": 1, "route": 2, "Value": 3}))
-        .mappings([dm.ValueMap(options={"0": dm.ValueMappingResult(text="not localised", index=0)})])
-        .height(8).span(24)
-    )
-    board = board.with_panel(
-        table.Panel().title("Name filter or address block (control handshake)").datasource(DS)
-        .description(
-            "For targets with `control_sni`: when the last handshake failed at the TLS stage, the monitor sent one "
-            "with a name nobody filters to the same address and port (probe_sni_filtered). 'name filter (SNI)': "
-            "that one answered, so the censor matches the name: another IP of the same name will not help, a "
-            "route abroad will. 'address blocked': neither answered: the address is blocked for any name (or the "
-            "server is down): a mirror on another address may work. 'not tested': the last run did not need the "
-            "control (it passed, or failed before TLS), or residual blocking made it inconclusive. README: Control "
-            "handshakes."
-        )
-        .with_target(q(
-            f"max by (vantage, target, route) (probe_sni_filtered{{{PAIR}}}) "
-            f"or max by (vantage, target, route) (probe_success{{{PAIR}}}) * 0 - 1",
-            instant=True, table_format=True,
-        ))
-        .with_transformation(transform("organize", excludeByName={"Time": True}, renameByName={"Value": "verdict"},
+        .with_transformation(transform("organize", excludeByName={"Time": True}, renameByName={"Value": column},
                                        indexByName={"vantage": 0, "target": 1, "route": 2, "Value": 3}))
         .mappings([dm.ValueMap(options={
-            "1": dm.ValueMappingResult(text="name filter (SNI)", color=RED, index=0),
-            "0": dm.ValueMappingResult(text="address blocked", color=ORANGE, index=1),
-            "-1": dm.ValueMappingResult(text="not tested", index=2),
+            value: dm.ValueMappingResult(text=text, index=i) if colour is None
+            else dm.ValueMappingResult(text=text, color=colour, index=i)
+            for i, (value, (text, colour)) in enumerate(texts.items())
         })])
         .height(8).span(24)
     )
-    return board
 
 
 def latency() -> db.Dashboard:

@@ -187,6 +187,8 @@ def _pair_families(store: ResultStore, config: Config, targets: list[Target]) ->
     return [m for m in out if m.samples]
 
 
+# _dns_families, _path_families, _locate_families and _group_families are the reference for
+# exposition_extra.py, which writes them as text for /metrics (tests/test_exposition.py compares).
 def _dns_families(store: ResultStore, vantage: str, targets: Sequence[Target]) -> list[Metric]:
     lookup = _gauge("probe_dns_lookup_time_seconds", HELP["probe_dns_lookup_time_seconds"], labels=DNS_LABELS)
     consistent = _gauge("probe_dns_consistent", HELP["probe_dns_consistent"], labels=DNS_LABELS)
