@@ -255,19 +255,21 @@ def _http_phases(rows: Sequence[_Row], states: Sequence[PairState | None], texts
             for r, t in zip(rows, texts, strict=True) if t]
 
 
-_codes: dict[int, bytes] = {}
+_ints: dict[int, bytes] = {}
+
+
+def int_tail(n: int) -> bytes:
+    """Return `} N.0`: a gauge or counter of a whole number, as prometheus_client writes it (kept up to 4095)."""
+    tail = _ints.get(n)
+    if tail is None:
+        tail = b"} %d.0" % n
+        if 0 <= n < 4096:
+            _ints[n] = tail
+    return tail
 
 
 def _status(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
-    out = []
-    for r, s in zip(rows, states, strict=True):
-        if s is not None:
-            code = s.latest.http_status or 0
-            tail = _codes.get(code)
-            if tail is None:
-                tail = _codes[code] = b"} %d.0" % code
-            out.append(r.labels + tail)
-    return out
+    return [r.labels + int_tail(s.latest.http_status or 0) for r, s in zip(rows, states, strict=True) if s is not None]
 
 
 def _expiry(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
@@ -329,17 +331,8 @@ def _phases(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Tex
     return out
 
 
-_ranks: dict[int, bytes] = {}
-
-
 def _rank(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:
-    out = []
-    for r, x in zip(rows, ranks, strict=True):
-        tail = _ranks.get(x.rank)
-        if tail is None:
-            tail = _ranks[x.rank] = b"} %d.0" % x.rank
-        out.append(r.labels + tail)
-    return out
+    return [r.labels + int_tail(x.rank) for r, x in zip(rows, ranks, strict=True)]
 
 
 def _score(rows: Sequence[_Row], states: Sequence[PairState | None], texts: Texts, ranks: Ranks) -> list[bytes]:

@@ -22,6 +22,7 @@ from probe.exporter.exposition import (
     ZERO,
     as_field,
     chunks,
+    int_tail,
     label_value,
     rows,
 )
@@ -64,19 +65,6 @@ def _dns_rows(config: Config) -> tuple[list[tuple[str, list[tuple[str, bytes]]]]
     return targets, labels
 
 
-_ints: dict[int, bytes] = {}
-
-
-def _int_tail(n: int) -> bytes:
-    """Return `} N.0` (a gauge or counter of a whole number, as prometheus_client writes it)."""
-    tail = _ints.get(n)
-    if tail is None:
-        tail = b"} %d.0" % n
-        if 0 <= n < 4096:
-            _ints[n] = tail
-    return tail
-
-
 def render(store: ResultStore, config: Config) -> Iterator[bytes]:
     """Yield the text of the DNS, path, localisation and group families of `config` (those with a series)."""
     yield from _dns(store, config)
@@ -111,7 +99,7 @@ def _dns(store: ResultStore, config: Config) -> Iterator[bytes]:
                 if d is not None and d.consistent is not None]
 
     def replies(i: int) -> list[bytes]:
-        return [lb + _int_tail(d.replies)
+        return [lb + int_tail(d.replies)
                 for lb, d in zip(labels[i:i + _STEP], results[i:i + _STEP], strict=True) if d is not None]
 
     def outcome(i: int) -> list[bytes]:
@@ -158,11 +146,11 @@ def _path(store: ResultStore, config: Config) -> Iterator[bytes]:
     n = len(labels)
 
     def sent(i: int) -> list[bytes]:
-        return [lb + _int_tail(h.sent_total if h else 0)
+        return [lb + int_tail(h.sent_total if h else 0)
                 for lb, h in zip(labels[i:i + _STEP], histories[i:i + _STEP], strict=True)]
 
     def lost(i: int) -> list[bytes]:
-        return [lb + _int_tail(h.lost_total if h else 0)
+        return [lb + int_tail(h.lost_total if h else 0)
                 for lb, h in zip(labels[i:i + _STEP], histories[i:i + _STEP], strict=True)]
 
     step = _STEP // len(PATH_STATS)
@@ -185,7 +173,7 @@ def _path(store: ResultStore, config: Config) -> Iterator[bytes]:
 
 
 def _locate(store: ResultStore, config: Config) -> Iterator[bytes]:
-    items = [r.labels + _int_tail(found.hop) for r in rows(config)
+    items = [r.labels + int_tail(found.hop) for r in rows(config)
              if r.locate and (found := store.localisation(*r.pair)) is not None and found.hop is not None]
     yield from chunks("probe_censor_hop", "gauge", HELP["probe_censor_hop"], b"probe_censor_hop{",
                       (items[i:i + _STEP] for i in range(0, len(items), _STEP)))
@@ -196,6 +184,6 @@ def _groups(store: ResultStore, config: Config) -> Iterator[bytes]:
     items: list[bytes] = []
     for group, ranked in store.group_ranking(config).items():
         tail = b',group="%s"' % label_value(group).encode()
-        items += [labels[(x.target, x.route)] + tail + _int_tail(x.rank) for x in ranked]
+        items += [labels[(x.target, x.route)] + tail + int_tail(x.rank) for x in ranked]
     yield from chunks("probe_group_rank", "gauge", HELP["probe_group_rank"], b"probe_group_rank{",
                       (items[i:i + _STEP] for i in range(0, len(items), _STEP)))
