@@ -223,7 +223,7 @@ def config_text(
     )
 
 
-async def soak(args: argparse.Namespace) -> list[Sample]:
+async def soak(args: argparse.Namespace) -> tuple[list[Sample], list[str]]:
     from probe import loop
     from probe.config import Route, Target
     from probe.context import ProbeContext
@@ -231,6 +231,7 @@ async def soak(args: argparse.Namespace) -> list[Sample]:
     from probe.runner import run_probe
     from probe.service import Service, load_config
 
+    lasting_names: list[str] = []  # what the lasting tasks of the last sample run
     child = subprocess.Popen(
         [sys.executable, "-m", "bench.soak", "--serve", str(args.ports), "--stall", str(args.timeout * 1.5),
          "--seed", str(args.seed), "--hostile", str(args.hostile)],
@@ -245,7 +246,6 @@ async def soak(args: argparse.Namespace) -> list[Sample]:
         path = workdir / "targets.yml"
         path.write_text(config_text(ports, args.pairs, args.interval, args.timeout, 0, **extra))
         done = inflight = healthy_done = healthy_false = healthy_error = hostile_done = 0
-        lasting_names: list[str] = args.lasting_names
 
         async def counted(target: Target, route: Route, ctx: ProbeContext) -> ProbeResult:
             nonlocal done, inflight, healthy_done, healthy_false, healthy_error, hostile_done
@@ -294,13 +294,13 @@ async def soak(args: argparse.Namespace) -> list[Sample]:
                     old = [task for task in tasks if now - born[task] >= lasting_after(args)]
                     samples.append(Sample(
                         t=round(time.monotonic() - started, 1), rss_mib=round(rss_mib(), 2), fds=open_fds(),
-                        tasks=len(asyncio.all_tasks()), probes=done, reloads=reloads,
+                        tasks=len(tasks), probes=done, reloads=reloads,
                         lag_p99_ms=round(_lag_p99(service) * 1000, 1), inflight=inflight,
                         healthy_probes=healthy_done, healthy_false=healthy_false, hostile_probes=hostile_done,
                         healthy_error=healthy_error, stall_p99_ms=round(_p99(loop.watch.cumulative()) * 1000, 1),
                         lasting=len(old),
                     ))
-                    lasting_names[:] = sorted(_task_name(task) for task in old)
+                    lasting_names = sorted(_task_name(task) for task in old)
                     if args.verbose:
                         print(json.dumps(asdict(samples[-1])), file=sys.stderr, flush=True)
         finally:
@@ -312,7 +312,7 @@ async def soak(args: argparse.Namespace) -> list[Sample]:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-    return samples
+    return samples, lasting_names
 
 
 def _task_name(task: asyncio.Task[Any]) -> str:
@@ -470,8 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("probe").setLevel(logging.WARNING)
-    args.lasting_names = []  # filled by soak(): what the lasting tasks of the last sample run
-    samples = asyncio.run(soak(args))
+    samples, lasting_names = asyncio.run(soak(args))
     verdict = judge(samples, args.warmup)
     print(f"{'t s':>7} {'RSS MiB':>8} {'fds':>5} {'tasks':>6} {'probes':>8} {'reloads':>7} {'lag p99 ms':>10}")
     for s in samples:
@@ -487,13 +486,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{'FLAT' if verdict.flat else 'NOT FLAT'}"
     )
     if not verdict.flat:
-        print(f"tasks alive for {lasting_after(args):.0f} s or more at the end: {', '.join(args.lasting_names)}")
+        print(f"tasks alive for {lasting_after(args):.0f} s or more at the end: {', '.join(lasting_names)}")
     if args.healthy or args.hostile:
         print(f"healthy pairs: {verdict.healthy_false} false outcomes and {verdict.healthy_error} errors in "
               f"{verdict.healthy_probes} probes; {verdict.hostile_probes} probes of hostile targets")
     if args.out:
         Path(args.out).write_text(json.dumps(
-            {"args": {k: v for k, v in vars(args).items() if k not in ("serve", "out", "lasting_names")},
+            {"args": {k: v for k, v in vars(args).items() if k not in ("serve", "out")},
              "samples": [asdict(s) for s in samples], "verdict": asdict(verdict)}, indent=1) + "\n")
     return 0 if verdict.flat else 1
 
